@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv if needed, run the demo on the built-in model
+#   make test   create .venv if needed, run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+		| grep -v "^WARNING: Location" || true
+	$(PY) -c "import rescompile.passes, torch, onnxruntime, transformers"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rescompile demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q -p no:logging
+
+bench: $(STAMP)
+	$(PY) tools/bench/run.py
+
+clean:
+	rm -rf $(VENV) .cache out

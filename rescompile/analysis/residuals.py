@@ -1,0 +1,419 @@
+"""Find residual adds, classify them and order them into residual streams.
+
+A residual site is an elementwise add `out = skip + branch` without broadcasting,
+of one of two kinds:
+
+- identity: the branch is computed from the skip through at least one weighted
+  op (an op with a parameter operand: MatMul/Gemm/Conv/Linear);
+- projection: both operands descend from a fork value `x`; the skip is a short
+  projection of `x` (weighted op plus norms/activations) and the branch reaches
+  `x` through other weighted ops.
+
+"Computed from" is decided by a *closure*: starting at the skip, a node joins
+when every non-constant data input it reads is already in the closure. This lets
+the skip flow through norms, activations and decomposed norms (x - mean(x) mixes
+x only with itself) but stops where it meets an unrelated tensor. That is what
+rejects `scores + mask`: the mask of layer 0 is an ancestor of every later
+layer's scores, but it meets the scores in an add, so no weighted op is reached
+from the mask alone. Edges into Shape/Size carry no data and are ignored.
+
+Not reported, by construction: bias adds (the bias reaches nothing), token +
+position embeddings (Gather is not a weighted op), rotary adds and adds inside
+decomposed GELU/LayerNorm (no weighted op between the fork and the add).
+
+All searches are local (bounded closures, ancestry searches that never go above
+the skip's position in topological order), so analysis is linear in graph size
+for graphs made of blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+
+from rescompile.ir import MIXING_FREE_KINDS, Graph, Node, OpKind, Value, data_inputs
+from rescompile.ir._core import PARAM
+
+__all__ = ["ResidualSite", "ResidualStream", "ResidualAnalysis", "find_residuals"]
+
+# A closure this large is not a residual branch's start; stop looking.
+_CLOSURE_LIMIT = 512
+# Ops between a projection shortcut's weighted op and the add (norm, activation...).
+_PROJECTION_TAIL_LIMIT = 4
+_NORMISH = (OpKind.NORM, OpKind.REDUCE)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResidualSite:
+    """One residual add. Records refer to IR objects of the analysed graph.
+
+    Attributes:
+        add: the add node.
+        skip_index: which input of `add` is the skip.
+        kind: "identity" or "projection".
+        fork: the stream value the block reads: the skip for identity sites,
+            the common input `x` for projection sites.
+        weighted: the branch's weighted ops in topological order.
+        norm: "pre" (the branch starts with a norm), "post" (a norm follows the
+            add) or "none".
+        branch_params: parameters in the branch's weighted ops.
+        stream, depth: the residual stream and 0-based position along it.
+    """
+
+    add: Node
+    skip_index: int
+    kind: str
+    fork: Value
+    weighted: tuple[Node, ...]
+    norm: str
+    branch_params: int
+    stream: int = -1
+    depth: int = -1
+
+    @property
+    def skip(self) -> Value:
+        return self.add.inputs[self.skip_index]
+
+    @property
+    def branch(self) -> Value:
+        return self.add.inputs[1 - self.skip_index]
+
+    @property
+    def output(self) -> Value:
+        return self.add.outputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.add.name
+
+    def to_json(self) -> dict:
+        return {"add": self.add.name, "skip": self.skip.name, "branch": self.branch.name,
+                "kind": self.kind, "stream": self.stream, "depth": self.depth, "norm": self.norm,
+                "fork": self.fork.name, "branch_params": self.branch_params,
+                "branch_weighted_ops": [n.name for n in self.weighted]}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResidualStream:
+    """A chain of residual sites: each site's output reaches the next one's fork
+    through mixing-free ops only (norms, activations, casts, reshapes)."""
+
+    index: int
+    sites: tuple[ResidualSite, ...]
+
+    @property
+    def input(self) -> Value:
+        return self.sites[0].fork
+
+    @property
+    def output(self) -> Value:
+        return self.sites[-1].output
+
+    @property
+    def norm(self) -> str:
+        kinds = {s.norm for s in self.sites}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def to_json(self) -> dict:
+        return {"stream": self.index, "sites": [s.add.name for s in self.sites],
+                "input": self.input.name, "output": self.output.name, "norm": self.norm,
+                "length": len(self.sites)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualAnalysis:
+    sites: tuple[ResidualSite, ...]
+    streams: tuple[ResidualStream, ...]
+
+    def to_json(self) -> dict:
+        return {"residuals": [s.to_json() for s in self.sites],
+                "streams": [s.to_json() for s in self.streams]}
+
+
+class _Facts:
+    """Per-graph facts computed once: topological index, constness, parameter sizes."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.order = graph.node_order()
+        # Parameter elements reachable through constant-only computation; None = not constant.
+        self.param_size: dict[Value, int] = {}
+        for value in graph.initializers.values():
+            self.param_size[value] = _numel(value) if value.role == PARAM else 0
+        for node in graph:
+            if node.kind is OpKind.SHAPE:
+                continue  # depends on runtime shapes
+            ins = [v for v in node.inputs if v is not None]
+            if node.kind is OpKind.CONSTANT and not ins:
+                size = _constant_node_params(node)
+            elif ins and all(v in self.param_size for v in ins):
+                size = sum(self.param_size[v] for v in ins)
+            else:
+                continue
+            for out in node.outputs:
+                self.param_size[out] = size
+        self.weighted: dict[Node, int] = {}
+        for node in graph:
+            if node.kind is OpKind.WEIGHTED:
+                params = sum(self.param_size.get(v, 0) for v in node.inputs if v is not None)
+                if params > 0:
+                    self.weighted[node] = params
+
+    def is_const(self, value: Value) -> bool:
+        return value in self.param_size
+
+    def live_inputs(self, node: Node) -> list[Value]:
+        """Non-constant data inputs."""
+        return [v for v in data_inputs(node) if v not in self.param_size]
+
+    def pos(self, value: Value) -> int:
+        return -1 if value.producer is None else self.order[value.producer]
+
+
+def _numel(value: Value) -> int:
+    if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        return int(np.prod(value.shape, dtype=np.int64))
+    size = getattr(value.payload, "size", None)
+    return int(size) if size is not None else 1
+
+
+def _constant_node_params(node: Node) -> int:
+    attr = node.attrs.get("value")
+    tensor = getattr(attr, "value", attr)
+    size = getattr(tensor, "size", None)
+    dtype = getattr(tensor, "dtype", None)
+    floating = dtype is not None and getattr(dtype, "is_floating_point", lambda: False)()
+    return int(size) if floating and size and size > 1 else 0
+
+
+def _closure(facts: _Facts, start: Value, stop: Node | None = None):
+    """Forward closure of `start` through ops that read nothing but the closure.
+
+    Returns:
+        (values, weighted, normed): the values in the closure; the weighted ops
+        reached (not entered); and for each weighted op whether the path to it
+        went through a norm.
+    """
+    values: dict[Value, bool] = {start: False}  # value -> passed a norm on the way
+    weighted: dict[Node, bool] = {}
+    frontier = [start]
+    seen_nodes: set[Node] = set()
+    while frontier and len(seen_nodes) < _CLOSURE_LIMIT:
+        value = frontier.pop()
+        for node in value.consumers():
+            if node in seen_nodes or node is stop:
+                continue
+            inside = [v for v in data_inputs(node) if v in values]
+            if not inside or any(v not in values for v in facts.live_inputs(node)):
+                continue
+            seen_nodes.add(node)
+            normed = any(values[v] for v in inside)
+            if node in facts.weighted:
+                weighted[node] = normed
+                continue
+            normed = normed or node.kind in _NORMISH
+            for out in node.outputs:
+                if out not in values:
+                    values[out] = normed
+                    frontier.append(out)
+    return values, weighted
+
+
+def _is_ancestor(facts: _Facts, node: Node, target: Value) -> bool:
+    """Whether `node` feeds `target` through data edges. Searches only between them."""
+    low = facts.order[node]
+    if target.producer is None or facts.order[target.producer] < low:
+        return False
+    stack, seen = [target.producer], set()
+    while stack:
+        current = stack.pop()
+        if current is node:
+            return True
+        for value in data_inputs(current):
+            producer = value.producer
+            if producer is not None and producer not in seen and facts.order[producer] >= low:
+                seen.add(producer)
+                stack.append(producer)
+    return False
+
+
+def _between(facts: _Facts, start: Value, end: Value) -> list[Node]:
+    """Nodes on data paths from `start` to `end`, in topological order."""
+    low = facts.pos(start)
+    back, stack = set(), [end.producer] if end.producer is not None else []
+    while stack:
+        current = stack.pop()
+        if current in back:
+            continue
+        back.add(current)
+        for value in data_inputs(current):
+            p = value.producer
+            if p is not None and p not in back and facts.order[p] > low:
+                stack.append(p)
+    forward, stack = set(), [start]
+    seen_values = {start}
+    while stack:
+        value = stack.pop()
+        for node in value.consumers():
+            if node in back and node not in forward:
+                forward.add(node)
+                for out in node.outputs:
+                    if out not in seen_values:
+                        seen_values.add(out)
+                        stack.append(out)
+    return sorted(forward, key=facts.order.__getitem__)
+
+
+def _same_shape(a: Value, b: Value, out: Value) -> bool:
+    shapes = [v.shape for v in (a, b, out)]
+    if any(s is None for s in shapes):
+        return True  # unknown: let structure decide
+    if len({len(s) for s in shapes}) != 1:
+        return False
+    for dims in zip(*shapes):
+        known = {d for d in dims if d is not None}
+        if len(known) > 1:
+            return False
+    return True
+
+
+def _identity_site(facts: _Facts, add: Node, skip_index: int):
+    skip, branch = add.inputs[skip_index], add.inputs[1 - skip_index]
+    values, weighted = _closure(facts, skip, stop=add)
+    if branch in values:
+        return None  # the branch is a function of the skip with no weighted op: x + f(x) inside an op
+    for node in sorted(weighted, key=facts.order.__getitem__):
+        if _is_ancestor(facts, node, branch):
+            return weighted[node]
+    return None
+
+
+def _projection_root(facts: _Facts, value: Value):
+    """Walk back from an add operand through at most a few mixing-free ops to a
+    weighted op; return (weighted_node, its live input) or None."""
+    for _ in range(_PROJECTION_TAIL_LIMIT + 1):
+        node = value.producer
+        if node is None:
+            return None
+        live = facts.live_inputs(node)
+        if len(live) != 1:
+            return None
+        if node in facts.weighted:
+            return node, live[0]
+        if node.kind not in MIXING_FREE_KINDS and node.kind not in (OpKind.ADD, OpKind.MUL,
+                                                                    OpKind.SUB, OpKind.DIV):
+            return None
+        value = live[0]
+    return None
+
+
+def _projection_site(facts: _Facts, add: Node):
+    """Return (skip_index, fork, normed) for a projection shortcut, or None."""
+    found = []
+    for index in (0, 1):
+        root = _projection_root(facts, add.inputs[index])
+        if root is None:
+            continue
+        w_skip, fork = root
+        other = add.inputs[1 - index]
+        _, weighted = _closure(facts, fork, stop=add)
+        for node in sorted(weighted, key=facts.order.__getitem__):
+            if node is not w_skip and _is_ancestor(facts, node, other):
+                found.append((facts.weighted[w_skip], index, fork, weighted[node]))
+                break
+    if not found:
+        return None
+    # Both sides qualify (conv_a(x) + conv_b(x)): the shortcut is the cheaper side.
+    _, index, fork, normed = min(found, key=lambda f: f[0])
+    return index, fork, normed
+
+
+def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
+    if add.kind is not OpKind.ADD or len(add.inputs) != 2 or len(add.outputs) != 1:
+        return None
+    a, b = add.inputs
+    if a is None or b is None or a is b:
+        return None
+    if facts.is_const(a) and facts.is_const(b):
+        return None
+    if not _same_shape(a, b, add.outputs[0]):
+        return None
+    for skip_index in (0, 1):
+        normed = _identity_site(facts, add, skip_index)
+        if normed is not None:
+            kind, fork = "identity", add.inputs[skip_index]
+            break
+    else:
+        projection = _projection_site(facts, add)
+        if projection is None:
+            return None
+        skip_index, fork, normed = projection
+        kind = "projection"
+    branch = add.inputs[1 - skip_index]
+    inside = _between(facts, fork, branch)
+    weighted = tuple(n for n in inside if n in facts.weighted)
+    return ResidualSite(add=add, skip_index=skip_index, kind=kind, fork=fork, weighted=weighted,
+                        norm="pre" if normed else "none",
+                        branch_params=sum(facts.weighted[n] for n in weighted))
+
+
+def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:
+    by_fork: dict[Value, list[int]] = {}
+    for i, site in enumerate(sites):
+        by_fork.setdefault(site.fork, []).append(i)
+    successor: dict[int, int] = {}
+    has_pred: set[int] = set()
+    post: set[int] = set()
+    for i, site in enumerate(sites):
+        values, _ = _closure(facts, site.output)
+        for value, normed in values.items():
+            if normed:
+                post.add(i)
+        candidates = sorted((j for v in values for j in by_fork.get(v, ()) if j > i and j not in has_pred),
+                            key=lambda j: facts.order[sites[j].add])
+        if candidates:
+            successor[i] = candidates[0]
+            has_pred.add(candidates[0])
+    chains = []
+    for i in range(len(sites)):
+        if i in has_pred:
+            continue
+        chain = [i]
+        while chain[-1] in successor:
+            chain.append(successor[chain[-1]])
+        chains.append(chain)
+    chains.sort(key=lambda c: c[0])
+    for chain in chains:
+        for i in chain:
+            if sites[i].norm != "pre" and i in post:
+                sites[i] = dataclasses.replace(sites[i], norm="post")
+    return chains
+
+
+def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) -> ResidualAnalysis:
+    """Find, classify and order every residual add of `graph`.
+
+    Args:
+        graph: the graph to analyse (not modified).
+        candidates: restrict classification to these add nodes (default: all).
+
+    Returns:
+        A `ResidualAnalysis` whose sites are in topological order of their adds
+        and whose streams are ordered by their first site.
+    """
+    facts = _Facts(graph)
+    nodes = graph if candidates is None else candidates
+    sites = [site for node in nodes if node.kind is OpKind.ADD
+             for site in [_classify(facts, node)] if site is not None]
+    sites.sort(key=lambda s: facts.order[s.add])
+    chains = _link_streams(facts, sites)
+    final: dict[int, ResidualSite] = {}
+    streams = []
+    for index, chain in enumerate(chains):
+        members = []
+        for depth, i in enumerate(chain):
+            final[i] = dataclasses.replace(sites[i], stream=index, depth=depth)
+            members.append(final[i])
+        streams.append(ResidualStream(index=index, sites=tuple(members)))
+    return ResidualAnalysis(sites=tuple(final[i] for i in range(len(sites))), streams=tuple(streams))

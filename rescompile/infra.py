@@ -1,0 +1,233 @@
+"""Pass infrastructure: PassBase, PassResult, PassManager, option specs and site selection.
+
+A pass is a small class with typed options (a dataclass), a `call(graph)` that
+rewrites the IR in place and returns `PassResult(graph, modified, stats)`, and a
+`preserves_function` property that may depend on its options (rezero with
+init=1 preserves the function, with init=0 it does not). Passes see only the IR
+and the analysis; they never import a frontend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import time
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, find_residuals
+from rescompile.errors import RescompileError
+from rescompile.ir import Graph, verify
+
+__all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
+           "option_table"]
+
+logger = logging.getLogger("rescompile")
+
+
+class PassError(RescompileError):
+    """A pass refused its input or failed; the message names the pass."""
+
+
+@dataclasses.dataclass
+class PassResult:
+    graph: Graph
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSelector:
+    """Which residual sites a pass applies to.
+
+    Spec syntax (clauses joined with ';', all must hold):
+    `all`, `stream:0` or `stream:0|2`, `depth:2-5` (inclusive; `depth:3-` open),
+    `name:<glob>` matched against the add node's name, `kind:identity|projection`.
+    """
+
+    spec: str = "all"
+
+    def __post_init__(self) -> None:
+        self._clauses()  # validate early
+
+    def _clauses(self) -> list[tuple[str, str]]:
+        clauses = []
+        for part in filter(None, (p.strip() for p in self.spec.split(";"))):
+            if part == "all":
+                continue
+            key, sep, arg = part.partition(":")
+            if not sep or key not in ("stream", "depth", "name", "kind"):
+                raise RescompileError(
+                    f"bad site selector {part!r}: use all, stream:N, depth:A-B, name:GLOB or kind:K")
+            if key == "depth":
+                lo, dash, hi = arg.partition("-")
+                if not lo.strip().isdigit() or (hi.strip() and not hi.strip().isdigit()):
+                    raise RescompileError(f"bad depth range {arg!r}: use depth:A-B, e.g. depth:0-3")
+            if key == "stream" and not all(s.strip().isdigit() for s in arg.split("|")):
+                raise RescompileError(f"bad stream list {arg!r}: use stream:N or stream:N|M")
+            clauses.append((key, arg))
+        return clauses
+
+    def __call__(self, site: ResidualSite) -> bool:
+        for key, arg in self._clauses():
+            if key == "stream" and site.stream not in {int(s) for s in arg.split("|")}:
+                return False
+            if key == "depth":
+                lo, dash, hi = arg.partition("-")
+                top = int(hi) if hi.strip() else (int(lo) if not dash else 1 << 62)
+                if not int(lo) <= site.depth <= top:
+                    return False
+            if key == "name" and not fnmatch.fnmatchcase(site.name, arg):
+                return False
+            if key == "kind" and site.kind not in arg.split("|"):
+                return False
+        return True
+
+    def select(self, analysis: ResidualAnalysis) -> list[ResidualSite]:
+        return [s for s in analysis.sites if self(s)]
+
+
+class PassBase:
+    """Base class of all passes.
+
+    Subclasses set `name`, `summary`, an `Options` dataclass (every field with a
+    default and a `help` metadata entry) and implement `call`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = dataclasses.make_dataclass("Options", [])
+    in_place: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            self.options = self.Options(**options)
+        except TypeError as exc:
+            raise PassError(f"{self.name}: {exc}") from exc
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Raise PassError for option values out of range (override as needed)."""
+
+    @property
+    def preserves_function(self) -> bool:
+        return True
+
+    def call(self, graph: Graph) -> PassResult:
+        raise NotImplementedError
+
+    def residuals(self, graph: Graph) -> ResidualAnalysis:
+        return find_residuals(graph)
+
+    def selected_sites(self, graph: Graph) -> list[ResidualSite]:
+        """Sites chosen by the `sites` option (all when the pass has no such option)."""
+        analysis = self.residuals(graph)
+        spec = getattr(self.options, "sites", "all")
+        return SiteSelector(spec).select(analysis)
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+class PassManager:
+    """Run passes in order; with `check`, verify the IR after each pass.
+
+    Errors name the failing pass and the passes that ran before it.
+    """
+
+    def __init__(self, passes: Sequence[PassBase], *, check: bool = True) -> None:
+        self.passes = list(passes)
+        self.check = check
+        self.timings: dict[str, float] = {}
+
+    @property
+    def preserves_function(self) -> bool:
+        return all(p.preserves_function for p in self.passes)
+
+    def __call__(self, graph: Graph) -> PassResult:
+        modified, stats = False, {}
+        done: list[str] = []
+        for i, pass_ in enumerate(self.passes):
+            start = time.perf_counter()
+            try:
+                result = pass_.call(graph)
+                if pass_.in_place and result.graph is not graph:
+                    raise PassError(f"{pass_.name} claims to be in place but returned a new graph")
+                if self.check:
+                    verify(result.graph)
+            except RescompileError as exc:
+                after = f" (after {', '.join(done)})" if done else ""
+                raise PassError(f"pass {pass_.name}{after}: {exc}") from exc
+            graph = result.graph
+            key = f"{i}:{pass_.name}"
+            self.timings[key] = time.perf_counter() - start
+            stats[key] = result.stats
+            modified = modified or result.modified
+            logger.info("%s: modified=%s %s", pass_.name, result.modified, result.stats)
+            done.append(pass_.name)
+        return PassResult(graph, modified, stats)
+
+
+# ----- option specs --------------------------------------------------------------------
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(pass_name: str, field: dataclasses.Field, text: str) -> Any:
+    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
+    choices = field.metadata.get("choices")
+    try:
+        if hint is bool:
+            low = text.lower()
+            if low not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            value: Any = low in _TRUE
+        elif hint is int:
+            value = int(text)
+        elif hint is float:
+            value = float(text)
+        else:
+            value = text
+    except ValueError as exc:
+        raise PassError(f"{pass_name}: bad value {text!r} for {field.name} ({exc})") from exc
+    if choices and value not in choices:
+        raise PassError(f"{pass_name}: {field.name} must be one of {', '.join(map(str, choices))}, "
+                        f"not {text!r}")
+    return value
+
+
+def parse_spec(spec: str, table: Mapping[str, type[PassBase]]) -> PassBase:
+    """Build a pass from `name` or `name:key=value,key=value`.
+
+    Raises:
+        PassError: unknown pass, unknown option or bad value (one line, lists what is valid).
+    """
+    name, _, rest = spec.strip().partition(":")
+    if name not in table:
+        raise PassError(f"unknown pass {name!r}; available: {', '.join(sorted(table))} "
+                        "(see `rescompile passes`)")
+    cls = table[name]
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    options = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise PassError(f"{name}: option {item!r} needs a value, as in {item}=...")
+        if key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise PassError(f"{name}: unknown option {key!r}; valid options: {valid}")
+        options[key] = _convert(name, fields[key], text)
+    return cls(**options)
+
+
+def option_table(cls: type[PassBase]) -> list[dict[str, Any]]:
+    """Options of a pass as rows: name, type, default, help."""
+    rows = []
+    for f in dataclasses.fields(cls.Options):
+        hint = f.type if isinstance(f.type, str) else f.type.__name__
+        rows.append({"name": f.name, "type": hint, "default": f.default,
+                     "choices": f.metadata.get("choices"), "help": f.metadata.get("help", "")})
+    return rows

@@ -1,0 +1,287 @@
+"""Small test models: Hugging Face architectures from config classes (random
+weights, nothing downloaded) and synthetic networks with hand-known residual
+structure. Each builder returns `ModelCase` with the module, example inputs and
+the residual counts a correct analysis must report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ModelCase", "HF_CASES", "SYNTHETIC_CASES", "build", "export_onnx", "cached_onnx"]
+
+
+@dataclasses.dataclass
+class ModelCase:
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+    sites: int            # residual sites a correct analysis reports
+    projection: int = 0   # of which projection shortcuts
+    streams: int = 1
+    norm: str | None = None  # "pre" / "post" / "none" for every site, when uniform
+    exporters: tuple[str, ...] = ("dynamo",)
+
+
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def gpt2(layers: int = 2, seq: int = 8, width: int = 32) -> ModelCase:
+    import transformers as T
+    _seed()
+    cfg = T.GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=101, n_positions=64,
+                       use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = T.GPT2Model(cfg).eval()
+    ids = torch.randint(0, 101, (2, seq))
+    return ModelCase("gpt2", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
+
+
+def bert(layers: int = 2, seq: int = 8) -> ModelCase:
+    import transformers as T
+    _seed()
+    cfg = T.BertConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
+                       intermediate_size=64, vocab_size=101, max_position_embeddings=64)
+    model = T.BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 101, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    return ModelCase("bert", model, (), {"input_ids": ids, "attention_mask": mask},
+                     sites=2 * layers, norm="post", exporters=("dynamo", "legacy"))
+
+
+def llama(layers: int = 2, seq: int = 8) -> ModelCase:
+    import transformers as T
+    _seed()
+    cfg = T.LlamaConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, vocab_size=101,
+                        max_position_embeddings=64, use_cache=False)
+    model = T.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 101, (2, seq))
+    return ModelCase("llama", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
+
+
+def vit(layers: int = 2) -> ModelCase:
+    import transformers as T
+    _seed()
+    cfg = T.ViTConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
+                      intermediate_size=64, image_size=16, patch_size=8, num_channels=3)
+    model = T.ViTModel(cfg, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    return ModelCase("vit", model, (), {"pixel_values": pixels}, sites=2 * layers, norm="pre",
+                     exporters=("dynamo", "legacy"))
+
+
+def resnet50_layout() -> ModelCase:
+    """HF ResNet with ResNet-50's layout (bottlenecks, depths 3-4-6-3), narrow widths."""
+    import transformers as T
+    _seed()
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[3, 4, 6, 3],
+                         layer_type="bottleneck", num_channels=3)
+    model = T.ResNetModel(cfg).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    return ModelCase("resnet50", model, (), {"pixel_values": pixels}, sites=16, projection=4,
+                     norm="none", exporters=("dynamo", "legacy"))
+
+
+class ResidualMLP(nn.Module):
+    """x -> [x + W2 relu(W1 LN(x))] * blocks; pre-norm, one stream."""
+
+    def __init__(self, blocks: int = 3, width: int = 16, norm: bool = True) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) if norm else nn.Identity() for _ in range(blocks))
+        self.fc1 = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+            x = x + fc2(torch.relu(fc1(norm(x))))
+        return self.head(x)
+
+
+class PlainMLP(nn.Module):
+    """No residuals, but adds of every harmless kind: bias, x + f(x) without weights."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.bias = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = h + h * h          # add of two functions of h: no weighted op between
+        h = self.fc2(h) + self.bias
+        return h
+
+
+class MaskedAttentionStack(nn.Module):
+    """Two pre-norm attention layers sharing one additive mask built once from the
+    input: `scores + mask` in layer 1 has the mask as an ancestor through layer 0's
+    weighted ops, yet is not a residual. The mask has full [B, H, T, T] shape so that
+    shape checks alone cannot reject it."""
+
+    def __init__(self, width: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x, keep):
+        b, t, d = x.shape
+        mask = (1.0 - keep[:, None, None, :].float()) * -1e4
+        mask = mask.expand(b, self.heads, t, t)
+        for norm, qkv, out in zip(self.norms, self.qkv, self.out):
+            q, k, v = qkv(norm(x)).chunk(3, dim=-1)
+            q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+            attn = torch.softmax(scores + mask, dim=-1) @ v
+            x = x + out(attn.transpose(1, 2).reshape(b, t, d))
+        return x
+
+
+class ClassTokenBlock(nn.Module):
+    """The skip of a real residual is a class token expanded from a parameter."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.norm = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+
+    def forward(self, x):
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        k, v = self.kv(x).chunk(2, dim=-1)
+        q = self.q(self.norm(cls))
+        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return cls + attn
+
+
+class ResidualCNN(nn.Module):
+    """Basic blocks: two identity shortcuts, then a strided block with a 1x1
+    projection shortcut, then one more identity block; post-activation."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.b1, self.b2 = block(c, c, 1), block(c, c, 1)
+        self.b3 = block(c, 2 * c, 2)
+        self.proj = nn.Sequential(nn.Conv2d(c, 2 * c, 1, 2, bias=False), nn.BatchNorm2d(2 * c))
+        self.b4 = block(2 * c, 2 * c, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(x + self.b2(x))
+        x = torch.relu(self.proj(x) + self.b3(x))
+        return torch.relu(x + self.b4(x))
+
+
+def residual_mlp() -> ModelCase:
+    _seed()
+    return ModelCase("residual_mlp", ResidualMLP().eval(), (torch.randn(2, 5, 16),), {}, sites=3,
+                     norm="pre", exporters=("dynamo", "legacy"))
+
+
+def plain_mlp() -> ModelCase:
+    _seed()
+    return ModelCase("plain_mlp", PlainMLP().eval(), (torch.randn(2, 16),), {}, sites=0, streams=0,
+                     exporters=("dynamo", "legacy"))
+
+
+def masked_attention() -> ModelCase:
+    _seed()
+    keep = torch.ones(2, 6, dtype=torch.int64)
+    keep[1, 4:] = 0
+    return ModelCase("masked_attention", MaskedAttentionStack().eval(), (torch.randn(2, 6, 16), keep),
+                     {}, sites=2, norm="pre", exporters=("dynamo", "legacy"))
+
+
+def class_token() -> ModelCase:
+    _seed()
+    return ModelCase("class_token", ClassTokenBlock().eval(), (torch.randn(2, 5, 16),), {}, sites=1,
+                     norm="pre", exporters=("dynamo", "legacy"))
+
+
+def residual_cnn() -> ModelCase:
+    _seed()
+    return ModelCase("residual_cnn", ResidualCNN().eval(), (torch.randn(1, 3, 16, 16),), {}, sites=4,
+                     projection=1, norm="none", exporters=("dynamo", "legacy"))
+
+
+HF_CASES: dict[str, Callable[[], ModelCase]] = {
+    "gpt2": gpt2, "bert": bert, "llama": llama, "vit": vit, "resnet50": resnet50_layout,
+}
+SYNTHETIC_CASES: dict[str, Callable[[], ModelCase]] = {
+    "residual_mlp": residual_mlp, "plain_mlp": plain_mlp, "masked_attention": masked_attention,
+    "class_token": class_token, "residual_cnn": residual_cnn,
+}
+
+
+def build(name: str) -> ModelCase:
+    return {**HF_CASES, **SYNTHETIC_CASES}[name]()
+
+
+def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dynamo",
+                opset: int = 18) -> Path:
+    """Export `case` to ONNX with one of torch.onnx's exporters ("dynamo" or "legacy")."""
+    import warnings
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(case.kwargs) or [f"input_{i}" for i in range(len(case.args))]
+    args = case.args + tuple(case.kwargs.values())
+    module = case.module
+    if case.kwargs:
+        module = _KwargsAdapter(case.module, list(case.kwargs))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset,
+                              input_names=names, verbose=False)
+        elif exporter == "legacy":
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=names)
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}")
+    return path
+
+
+class _KwargsAdapter(nn.Module):
+    """Positional-to-keyword adapter so exporters see plain tensor inputs and a
+    plain tensor output (HF models take keywords and return dict-like outputs)."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, *args):
+        out = self.module(**dict(zip(self.names, args)))
+        if hasattr(out, "last_hidden_state"):
+            return out.last_hidden_state
+        return out
+
+
+def cached_onnx(name: str, exporter: str = "dynamo", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Export once per cache folder (tests in several processes share it)."""
+    cache = Path(cache_dir or os.environ.get("RESCOMPILE_MODEL_CACHE", ".cache/models"))
+    path = cache / f"{name}-{exporter}.onnx"
+    if not path.exists():
+        tmp = cache / f".{name}-{exporter}-{os.getpid()}"
+        export_onnx(build(name), tmp / path.name, exporter=exporter)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # data file first
+            os.replace(f, cache / f.name)
+        tmp.rmdir()
+    return path
