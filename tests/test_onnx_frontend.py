@@ -111,3 +111,38 @@ def test_unsupported_opset(onnx_model, tmp_path):
     model.opset_import[0].version = 9
     with pytest.raises(RescompileError, match="unsupported opset 9"):
         load_onnx(model)
+
+
+def _handmade_model(with_shapes: bool):
+    """x -> f(x) (a local function) -> + x, without value_info unless asked."""
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel() * 0.5)
+    func = helper.make_function("local", "Branch", ["a", "b"], ["c"],
+                                [helper.make_node("MatMul", ["a", "b"], ["m"]),
+                                 helper.make_node("Relu", ["m"], ["c"])],
+                                [helper.make_opsetid("", 18)])
+    nodes = [helper.make_node("Branch", ["x", "w"], ["f"], domain="local", name="branch"),
+             helper.make_node("MatMul", ["f", "w"], ["g"], name="mm"),
+             helper.make_node("Add", ["x", "g"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    if with_shapes:
+        graph.value_info.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "fg"])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
+                             functions=[func])
+
+
+def test_local_functions_survive_and_missing_shapes_are_inferred(tmp_path):
+    model = _handmade_model(with_shapes=False)
+    graph = load_onnx(model)
+    mm = next(n for n in graph if n.name == "mm")
+    assert mm.outputs[0].shape == (2, 4)  # inferred, the file had none
+    out = tmp_path / "f.onnx"
+    save_onnx(graph, out)
+    back = onnx.load(str(out))
+    assert [f.name for f in back.functions] == ["Branch"] and back.functions[0].domain == "local"
+    onnx.checker.check_model(back, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    a = run_onnx(model.SerializeToString(), {"x": x})["y"]
+    b = run_onnx(str(out), {"x": x})["y"]
+    assert np.array_equal(a, b)

@@ -135,6 +135,7 @@ def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
         raise RescompileError(
             f"unsupported opset {opset}: rescompile reads opsets {MIN_OPSET}-{MAX_OPSET}; "
             "convert the model with onnx.version_converter.convert_version(model, 17)")
+    _infer_missing_shapes(model)
     src_graph = model.graph
     graph = Graph(src_graph.name or "main")
     external = False
@@ -194,6 +195,21 @@ def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
         graph_metadata_props=dict(src_graph.metadata_props), functions=tuple(model.functions.values()),
         external_data=external, path=path)
     return graph
+
+
+def _infer_missing_shapes(model: ir.Model) -> None:
+    """Run ONNX shape inference when the file carries no shapes for some values.
+
+    Analysis needs shapes to reject broadcasting adds. Exports by torch.onnx
+    carry them; other producers may not. onnx-ir's pass runs inference on the
+    graph without the weights, so this costs little even for large models.
+    Inferred types are import-time facts only: the exported model gets them as
+    value_info, which is harmless.
+    """
+    if all(o.shape is not None for n in model.graph for o in n.outputs if o.name):
+        return
+    from onnx_ir.passes.common import ShapeInferencePass
+    ShapeInferencePass(strict_mode=False)(model)
 
 
 def _ir_type(value: Value) -> Any:
