@@ -42,7 +42,6 @@ __all__ = ["ResidualSite", "ResidualStream", "ResidualAnalysis", "find_residuals
 _CLOSURE_LIMIT = 512
 # Ops between a projection shortcut's weighted op and the add (norm, activation...).
 _PROJECTION_TAIL_LIMIT = 4
-_NORMISH = (OpKind.NORM, OpKind.REDUCE)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -190,12 +189,15 @@ def _constant_node_params(node: Node) -> int:
 def _closure(facts: _Facts, start: Value, stop: Node | None = None):
     """Forward closure of `start` through ops that read nothing but the closure.
 
+    A path counts as normalised after a norm op, or after a decomposed norm: a
+    reduction whose result rejoins the unreduced tensor (x - mean(x),
+    x * rsqrt(mean(x^2))). A reduction that does not rejoin (pooling) does not count.
+
     Returns:
-        (values, weighted, normed): the values in the closure; the weighted ops
-        reached (not entered); and for each weighted op whether the path to it
-        went through a norm.
+        (values, weighted): each value in the closure mapped to whether its path
+        was normalised; each weighted op reached (not entered) likewise.
     """
-    values: dict[Value, bool] = {start: False}  # value -> passed a norm on the way
+    values: dict[Value, tuple[bool, bool]] = {start: (False, False)}  # (normed, reduced)
     weighted: dict[Node, bool] = {}
     frontier = [start]
     seen_nodes: set[Node] = set()
@@ -208,16 +210,20 @@ def _closure(facts: _Facts, start: Value, stop: Node | None = None):
             if not inside or any(v not in values for v in facts.live_inputs(node)):
                 continue
             seen_nodes.add(node)
-            normed = any(values[v] for v in inside)
+            flags = [values[v] for v in inside]
+            normed = any(n for n, _ in flags)
             if node in facts.weighted:
                 weighted[node] = normed
                 continue
-            normed = normed or node.kind in _NORMISH
+            reduced = [r for _, r in flags]
+            rejoins = len(set(inside)) > 1 and any(reduced) and not all(reduced)
+            normed = normed or node.kind is OpKind.NORM or rejoins
+            reduced_out = (any(reduced) and not rejoins) or node.kind is OpKind.REDUCE
             for out in node.outputs:
                 if out not in values:
-                    values[out] = normed
+                    values[out] = (normed, reduced_out)
                     frontier.append(out)
-    return values, weighted
+    return {v: n for v, (n, _) in values.items()}, weighted
 
 
 def _is_ancestor(facts: _Facts, node: Node, target: Value) -> bool:

@@ -74,7 +74,9 @@ def _shape_tuple(shape: ir.Shape | None) -> tuple | None:
         if isinstance(d, int):
             dims.append(d)
         else:
-            dims.append(getattr(d, "value", None))
+            name = getattr(d, "value", None)
+            # Shape inference names dims it cannot infer unk__N: unknown, not a shared symbol.
+            dims.append(None if name is None or name.startswith("unk__") else name)
     return tuple(dims)
 
 

@@ -1,0 +1,371 @@
+"""torch <-> rescompile IR.
+
+Import: `torch.export.export` (non-strict) captures the module; its unlifted
+GraphModule (`ep.module()`) has parameters as `get_attr` nodes under their
+original names and pytree input/output specs, the same shape that
+`torch.fx.symbolic_trace` (the fallback) produces, so one importer serves both.
+Each fx node becomes an IR node of domain "torch" that keeps its fx op, target
+and an argument template (fx nodes replaced by input slots), so export is
+lossless. Parameters and buffers become initializers holding the original
+tensors (no copy).
+
+Export: a fresh `torch.fx.GraphModule` whose parameters and buffers keep their
+fully qualified names; new parameters made by passes become `nn.Parameter`s
+under `rescompile.<pass>.<site>.<role>`. Nodes that passes insert use the IR's
+core op set (ONNX names) and are mapped to torch functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import operator
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from rescompile.errors import RescompileError
+from rescompile.frontends._torch_core import CORE_OPS
+from rescompile.frontends._torch_kinds import kind_of_torch_target
+from rescompile.ir import CONST, PARAM, Graph, Node, OpKind, Value
+
+__all__ = ["TorchSource", "capture", "import_graph_module", "import_module", "export_module",
+           "load_pt2", "normalize_example_inputs"]
+
+
+@dataclasses.dataclass
+class TorchSource:
+    """What export needs that the IR does not model."""
+
+    codegen: Any                      # the pytree codegen of the captured graph (in/out specs)
+    placeholders: list[str]           # placeholder names, in order
+    output_template: Any              # output structure with _Slot(i) for graph.outputs[i]
+    buffers_persistent: dict[str, bool]
+    training: bool
+    module_name: str
+    method: str                       # "torch.export" or "torch.fx"
+    example_args: tuple = ()
+    example_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Stands for input `index` of the IR node in an argument template."""
+
+    index: int
+
+
+def normalize_example_inputs(example_inputs: Any, example_kwargs: dict | None = None):
+    """Accept a tensor, a tuple of args, or a dict of keyword inputs."""
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is None:
+        return (), kwargs
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **kwargs}
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs), kwargs
+    return (example_inputs,), kwargs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, str]:
+    """Capture `module` as a GraphModule: torch.export first, torch.fx as fallback."""
+    if not isinstance(module, nn.Module):
+        raise RescompileError(f"expected an nn.Module, got {type(module).__name__}")
+    name = type(module).__name__
+    try:
+        with _quiet():
+            ep = torch.export.export(module, args, kwargs, strict=False)
+            return ep.module(), "torch.export"
+    except Exception as export_error:
+        try:
+            with _quiet():
+                gm = fx.symbolic_trace(module)
+                _propagate_shapes(gm, args, kwargs)
+            return gm, "torch.fx"
+        except Exception as fx_error:
+            raise RescompileError(
+                f"cannot capture {name}: torch.export failed ({_first_line(export_error)}) and "
+                f"torch.fx.symbolic_trace failed ({_first_line(fx_error)}); check that the example "
+                "inputs match forward() and that forward() has no data-dependent control flow") from fx_error
+
+
+def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Record example values in node.meta["val"] for fx-traced graphs, as torch.export does."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [p.target for p in placeholders]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    missing = [n for n in names[len(args):] if n not in bound]
+    if missing and any(p.args == () for p in placeholders if p.target in missing):
+        raise RescompileError(f"example inputs are missing {missing}")
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*[bound.get(n, p.args[0] if p.args else None)
+                           for n, p in zip(names, placeholders)])
+
+
+def import_module(module: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None) -> Graph:
+    """Capture and import an nn.Module (see `capture`)."""
+    args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
+    if not args and not kwargs:
+        raise RescompileError(f"{type(module).__name__}: example_inputs are needed to trace an nn.Module")
+    gm, method = capture(module, args, kwargs)
+    graph = import_graph_module(gm, method=method, module_name=type(module).__name__,
+                                training=module.training)
+    graph.source.example_args, graph.source.example_kwargs = args, kwargs
+    return graph
+
+
+def load_pt2(path) -> Graph:
+    """Import a program saved with `torch.export.save`."""
+    try:
+        with _quiet():
+            ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise RescompileError(f"{path}: not a readable torch.export program ({_first_line(exc)})") from exc
+    graph = import_graph_module(ep.module(), method="torch.export", module_name=str(path), training=False)
+    if ep.example_inputs is not None:
+        graph.source.example_args, graph.source.example_kwargs = ep.example_inputs
+    return graph
+
+
+def _val_info(val: Any) -> tuple[str | None, tuple | None]:
+    if isinstance(val, torch.Tensor):
+        dims = tuple(int(d) if isinstance(d, int) or not hasattr(d, "node") else str(d) for d in val.shape)
+        dims = tuple(d if isinstance(d, (int, str)) else str(d) for d in dims)
+        return str(val.dtype).replace("torch.", ""), dims
+    return None, None
+
+
+def _resolve_attr(gm: nn.Module, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _node_kind(n: fx.Node, gm: fx.GraphModule, kinds: dict[fx.Node, OpKind]) -> OpKind:
+    if n.op == "call_module":
+        return kind_of_torch_target(type(_resolve_attr(gm, n.target)))
+    if n.target is operator.getitem:
+        source = n.args[0]
+        # Picking output 0 of a tuple-returning op (norms, pooling with indices) passes
+        # the tensor through; indexing a tensor or a split's list selects channels.
+        if isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (tuple, list)) \
+                and kinds.get(source) is not OpKind.SPLIT:
+            return OpKind.IDENTITY
+        return OpKind.SPLIT
+    return kind_of_torch_target(n.target)
+
+
+def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_name: str = "",
+                        training: bool = False) -> Graph:
+    """Convert a GraphModule (from torch.export's `ep.module()` or torch.fx) into the IR."""
+    graph = Graph(module_name or "main")
+    env: dict[fx.Node, Value] = {}
+    kinds: dict[fx.Node, OpKind] = {}
+    persistent: dict[str, bool] = {}
+    placeholders: list[str] = []
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    for mod_name, mod in gm.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            persistent[f"{mod_name}.{b}" if mod_name else b] = False
+    initializer_by_target: dict[str, Value] = {}
+    output_template: Any = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            dtype, shape = _val_info(n.meta.get("val"))
+            value = graph.add_input(Value(n.name, dtype=dtype, shape=shape))
+            if n.args:
+                value.meta["torch.default"] = n.args[0]
+            placeholders.append(n.name)
+            env[n] = value
+        elif n.op == "get_attr":
+            if n.target in initializer_by_target:
+                env[n] = initializer_by_target[n.target]
+                continue
+            payload = _resolve_attr(gm, n.target)
+            if isinstance(payload, nn.Module):
+                # The body of a higher-order op (autocast or grad-mode regions): kept opaque.
+                value = Value(n.target, payload=payload, role=CONST)
+                value.meta["torch.kind"] = "module"
+            elif isinstance(payload, torch.Tensor):
+                role = PARAM if n.target in params and payload.requires_grad else CONST
+                dtype, shape = _val_info(payload)
+                value = Value(n.target, dtype=dtype, shape=shape, payload=payload, role=role)
+                value.meta["torch.kind"] = ("parameter" if n.target in params else
+                                            "buffer" if n.target in buffers else "constant")
+            else:
+                raise RescompileError(f"attribute {n.target!r} is a {type(payload).__name__}; "
+                                      "only tensors and submodules are supported")
+            graph.add_initializer(value)
+            if value.name != n.target:
+                raise RescompileError(f"duplicate attribute name {n.target!r}")
+            initializer_by_target[n.target] = value
+            env[n] = value
+        elif n.op in ("call_function", "call_method", "call_module"):
+            inputs: list[Value] = []
+
+            def slot(arg: fx.Node) -> _Slot:
+                inputs.append(env[arg])
+                return _Slot(len(inputs) - 1)
+
+            args_t = fx.node.map_arg(n.args, slot)
+            kwargs_t = fx.node.map_arg(n.kwargs, slot)
+            kinds[n] = _node_kind(n, gm, kinds)
+            attrs = {"fx_op": n.op, "target": n.target, "args": args_t, "kwargs": kwargs_t}
+            if n.op == "call_module":
+                attrs["module"] = _resolve_attr(gm, n.target)
+            op_type = n.target if isinstance(n.target, str) else str(
+                getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
+            node = Node(op_type, inputs, domain="torch", attrs=attrs, kind=kinds[n], name=n.name,
+                        output_names=[n.name])
+            dtype, shape = _val_info(n.meta.get("val"))
+            node.outputs[0].dtype, node.outputs[0].shape = dtype, shape
+            if "nn_module_stack" in n.meta:
+                node.meta["torch.module_path"] = next(reversed(n.meta["nn_module_stack"].values()))[0]
+            graph.append(node)
+            env[n] = node.outputs[0]
+        elif n.op == "output":
+            outputs: list[Value] = []
+
+            def out_slot(arg: fx.Node) -> _Slot:
+                outputs.append(env[arg])
+                return _Slot(len(outputs) - 1)
+
+            output_template = fx.node.map_arg(n.args[0], out_slot)
+            graph.set_outputs(outputs)
+    graph.source = TorchSource(codegen=gm.graph._codegen, placeholders=placeholders,
+                               output_template=output_template, buffers_persistent=persistent,
+                               training=training, module_name=module_name, method=method)
+    return graph
+
+
+# ----- export -----------------------------------------------------------------------------
+def _tensor(payload: Any, dtype: str | None) -> torch.Tensor:
+    if isinstance(payload, torch.Tensor):
+        return payload
+    if hasattr(payload, "numpy") and not isinstance(payload, np.ndarray):
+        payload = payload.numpy()
+    array = np.asarray(payload)
+    if dtype is not None and array.dtype.name != dtype:
+        array = array.astype(dtype)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _attr_path(name: str) -> list[str]:
+    return [re.sub(r"\W", "_", p) or "_" for p in name.split(".")]
+
+
+def _register(root: nn.Module, name: str, tensor: torch.Tensor, kind: str, persistent: bool) -> str:
+    parts = _attr_path(name)
+    owner = root
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    leaf = parts[-1]
+    if kind == "parameter":
+        param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=True)
+        owner.register_parameter(leaf, param)
+    else:
+        owner.register_buffer(leaf, tensor, persistent=persistent)
+    return ".".join(parts)
+
+
+def export_module(graph: Graph) -> fx.GraphModule:
+    """Build a trainable GraphModule from the IR.
+
+    Original parameters and buffers keep their names and tensors (shared, not
+    copied); new initializers become parameters (role param) or buffers.
+
+    Raises:
+        RescompileError: the graph holds an op that has no torch form here.
+    """
+    source = graph.source
+    if not isinstance(source, TorchSource):
+        raise RescompileError("this graph did not come from torch; export it to ONNX instead")
+    root = nn.Module()
+    fxg = fx.Graph()
+    env: dict[Value, fx.Node] = {}
+    for value, name in zip(graph.inputs, source.placeholders):
+        default = value.meta.get("torch.default", inspect_empty)
+        env[value] = fxg.placeholder(name, default_value=default)
+    for value in graph.initializers.values():
+        kind = value.meta.get("torch.kind") or ("parameter" if value.role == PARAM else "buffer")
+        if kind == "module":
+            target = _register_module(root, value.name, value.payload)
+        else:
+            tensor = _tensor(value.payload, value.dtype)
+            target = _register(root, value.name, tensor, kind, source.buffers_persistent.get(value.name, True))
+        env[value] = fxg.get_attr(target)
+    for node in graph:
+        ins = [env[v] if v is not None else None for v in node.inputs]
+        if node.domain == "torch":
+            fill = lambda s: ins[s.index] if isinstance(s, _Slot) else s  # noqa: E731
+            args = fx.node.map_aggregate(node.attrs["args"], fill)
+            kwargs = fx.node.map_aggregate(node.attrs["kwargs"], fill)
+            op = node.attrs["fx_op"]
+            if op == "call_module":
+                path = _register_module(root, node.attrs["target"], node.attrs["module"])
+                fx_node = fxg.create_node(op, path, args, kwargs, name=node.name)
+            else:
+                fx_node = fxg.create_node(op, node.attrs["target"], args, kwargs, name=node.name)
+        elif node.domain in ("", "ai.onnx") and node.op_type in CORE_OPS and len(node.outputs) == 1:
+            attrs = {k: getattr(v, "value", v) for k, v in node.attrs.items()}
+            fx_node = fxg.call_function(CORE_OPS[node.op_type], tuple(ins), attrs)
+        else:
+            raise RescompileError(f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
+                                  "form; export this model to ONNX instead")
+        env[node.outputs[0]] = fx_node
+    fxg.output(fx.node.map_aggregate(source.output_template,
+                                     lambda s: env[graph.outputs[s.index]] if isinstance(s, _Slot) else s))
+    fxg._codegen = source.codegen
+    gm = fx.GraphModule(root, fxg, class_name="RescompiledModule")
+    gm.train(source.training)
+    return gm
+
+
+def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:
+    parts = _attr_path(target)
+    owner = root
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if not hasattr(owner, parts[-1]):
+        owner.add_module(parts[-1], module)
+    return ".".join(parts)
+
+
+inspect_empty = __import__("inspect").Parameter.empty
