@@ -1,7 +1,9 @@
-"""The Python API: inspect, apply, validate.
+"""The Python API: inspect, apply, validate, on ONNX models and on nn.Modules.
 
-Models are ONNX for now: a path, an `onnx.ModelProto` or an `onnx_ir.Model`.
-(nn.Module and .pt2 programs come with the torch frontend.)
+`apply` returns the kind of object it was given: an nn.Module for an
+nn.Module (a trainable GraphModule keeping the original parameter names), an
+`onnx.ModelProto` for an ONNX path, ModelProto or onnx_ir.Model. torch is
+imported only when a torch model is involved.
 """
 
 from __future__ import annotations
@@ -15,23 +17,55 @@ from typing import Any
 from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, ResidualStream, find_residuals
 from rescompile.errors import RescompileError
 from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
-from rescompile.ir import Graph
+from rescompile.ir import PARAM, Graph
 
-__all__ = ["InspectReport", "load", "inspect", "apply", "validate", "build_passes", "run_passes"]
+__all__ = ["InspectReport", "load", "inspect", "apply", "validate", "build_passes", "run_passes",
+           "is_torch_module"]
 
-_TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
+PT2_SUFFIX = ".pt2"
+PICKLE_SUFFIXES = (".pt", ".pth")
 
 
-def load(model: Any) -> Graph:
-    """Import `model` into the IR (ONNX path, onnx.ModelProto or onnx_ir.Model)."""
+def is_torch_module(model: Any) -> bool:
+    """True for nn.Module instances, without importing torch for other objects."""
+    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module"
+               for c in type(model).__mro__)
+
+
+def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
+         trust_pickle: bool = False) -> Graph:
+    """Import `model` into the IR.
+
+    Args:
+        model: an nn.Module, a `.pt2` path (torch.export.save), a `.pt`/`.pth`
+            path holding a pickled module (only with `trust_pickle`), an ONNX
+            path, an onnx.ModelProto or an onnx_ir.Model.
+        example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
+            positional inputs or a dict of keyword inputs.
+        trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
+    """
     if isinstance(model, Graph):
         return model
-    if isinstance(model, (str, os.PathLike)) and str(model).endswith(_TORCH_SUFFIXES):
-        raise RescompileError(f"{model}: torch programs are not supported yet; export to ONNX first")
-    if type(model).__module__.startswith("torch"):
-        raise RescompileError("nn.Module input is not supported yet; export the module to ONNX first")
+    if is_torch_module(model):
+        from rescompile.frontends.torch import import_module
+        return import_module(model, example_inputs, example_kwargs)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.suffix == PT2_SUFFIX:
+            from rescompile.frontends.torch import load_pt2
+            _must_exist(path)
+            return load_pt2(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            from rescompile.frontends.torch import import_module, load_pickled_module
+            module = load_pickled_module(path, trust_pickle=trust_pickle)
+            return import_module(module, example_inputs, example_kwargs)
     from rescompile.frontends.onnx import load_onnx
     return load_onnx(model)
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise RescompileError(f"{path}: no such file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,27 +88,29 @@ class InspectReport:
         return {**self.analysis.to_json(), "nodes": self.nodes, "params": self.params}
 
 
+def _numel(payload: Any) -> int:
+    numel = getattr(payload, "numel", None)
+    if callable(numel):  # torch.Tensor (its .size is a method)
+        return int(numel())
+    return int(getattr(payload, "size", 0) or 0)  # numpy array, onnx-ir tensor
+
+
 def _param_count(graph: Graph) -> int:
-    from rescompile.ir import PARAM
-    total = 0
-    for value in graph.initializers.values():
-        if value.role == PARAM:
-            size = getattr(value.payload, "size", None)
-            total += int(size) if size is not None else 0
-    return total
+    return sum(_numel(v.payload) for v in graph.initializers.values() if v.role == PARAM)
 
 
-def inspect(model: Any, example_inputs: Any = None, **_: Any) -> InspectReport:
+def inspect(model: Any, example_inputs: Any = None, **kw: Any) -> InspectReport:
     """Find the residual connections of `model`.
 
     Args:
-        model: an ONNX path, onnx.ModelProto or onnx_ir.Model.
-        example_inputs: unused for ONNX models (kept for the torch frontend).
+        model: see `load`.
+        example_inputs: needed for nn.Modules (tensor, tuple or dict of inputs).
+        **kw: `example_kwargs`, `trust_pickle` (see `load`).
 
     Returns:
         An `InspectReport` with `.residuals`, `.streams` and `.to_json()`.
     """
-    graph = load(model)
+    graph = load(model, example_inputs, **kw)
     return InspectReport(find_residuals(graph), nodes=len(graph), params=_param_count(graph))
 
 
@@ -93,41 +129,58 @@ def run_passes(graph: Graph, passes: Sequence[PassBase], *, check: bool = True) 
     return PassManager(passes, check=check)(graph)
 
 
-def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: Any = None,
-          **_: Any):
+def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: Any = None, **kw: Any):
     """Rewrite `model` with `passes` (applied in order).
 
-    Returns:
-        an `onnx.ModelProto` for ONNX input (path, ModelProto or onnx_ir.Model),
-        with all weights in memory. To write large models, use the CLI's
-        `apply -o`, which streams weights to an external data file.
-    """
-    import onnx_ir as ir
+    Args:
+        model: see `load`.
+        passes: spec strings ("rezero", "rezero:init=0,sites=depth:2-") or pass objects.
+        example_inputs: needed for nn.Modules.
+        **kw: `example_kwargs`, `trust_pickle` (see `load`).
 
-    from rescompile.frontends.onnx import export_model
+    Returns:
+        an nn.Module (a trainable `torch.fx.GraphModule` whose original
+        parameters keep their names; new ones live under `rescompile.<pass>.`)
+        for torch input, an `onnx.ModelProto` with all weights in memory for
+        ONNX input. To write large ONNX models use the CLI's `apply -o`, which
+        streams weights to an external data file.
+    """
     if isinstance(passes, (str, PassBase)):
         passes = [passes]
     built = build_passes(passes)
-    graph = load(model)
+    graph = load(model, example_inputs, **kw)
     run_passes(graph, built)
-    model = export_model(graph)
+    from rescompile.frontends import is_torch_graph
+    if is_torch_graph(graph):
+        from rescompile.frontends.torch import export_module
+        return export_module(graph)
+    import onnx_ir as ir
+
+    from rescompile.frontends.onnx import export_model
+    exported = export_model(graph)
     # A ModelProto must be self-contained: pull weights kept in external files into memory.
-    ir.external_data.load_to_model(model)
-    return ir.serde.serialize_model(model)
+    ir.external_data.load_to_model(exported)
+    return ir.serde.serialize_model(exported)
 
 
 def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float = 1e-5,
              rtol: float = 0.0, dims: dict[str, int] | None = None, seed: int = 0):
-    """Run both ONNX models in ONNX Runtime on the same inputs and compare outputs.
+    """Run both models on the same inputs and compare outputs.
 
     Args:
-        original, rewritten: paths, onnx.ModelProto objects or serialized bytes.
-        inputs: a dict of input arrays; random inputs are drawn when omitted.
+        original, rewritten: two nn.Modules (compared in torch), or two ONNX
+            models as paths, onnx.ModelProto objects or bytes (compared in ONNX
+            Runtime).
+        inputs: for modules: a tensor, tuple or dict of inputs (required); for
+            ONNX: a dict of arrays, random inputs when omitted.
 
     Returns:
-        a `ValidationResult` (per-output max abs/rel differences and `.ok`).
+        a `ValidationResult`: per-output max abs/rel differences and `.ok`.
     """
     from rescompile.validation import ValidationResult, compare_onnx, diff, run_onnx
+    if is_torch_module(original) or is_torch_module(rewritten):
+        from rescompile.frontends.torch import compare_modules
+        return compare_modules(original, rewritten, inputs, atol=atol, rtol=rtol)
     a, b = _onnx_source(original), _onnx_source(rewritten)
     if inputs is None:
         return compare_onnx(a, b, atol=atol, rtol=rtol, dims=dims, seed=seed)
@@ -138,8 +191,7 @@ def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float =
 
 def _onnx_source(model: Any) -> str | bytes:
     if isinstance(model, (str, os.PathLike)):
-        if not Path(model).exists():
-            raise RescompileError(f"{model}: no such file")
+        _must_exist(Path(model))
         return str(model)
     if hasattr(model, "SerializeToString"):
         return model.SerializeToString()

@@ -68,13 +68,35 @@ def _summary(report) -> str:
             f"{report.nodes:,} nodes, {report.params:,} parameters")
 
 
+def _torch_options(fn):
+    fn = click.option("--trust-pickle", is_flag=True,
+                      help="Allow loading a pickled module from .pt/.pth (unpickling runs code).")(fn)
+    fn = click.option("--example-inputs", "example_file", type=click.Path(path_type=Path),
+                      help="A torch.save'd tuple or dict of example inputs (for .pt/.pth modules).")(fn)
+    return fn
+
+
+def _load_examples(path: Path | None):
+    if path is None:
+        return None
+    if not path.exists():
+        raise RescompileError(f"--example-inputs {path}: no such file")
+    import torch
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RescompileError(f"--example-inputs {path}: not a torch.save'd tuple or dict of tensors "
+                              f"({type(exc).__name__})") from exc
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
-def inspect(model: Path, as_json: bool) -> None:
-    """Show where MODEL's residual connections are."""
+@_torch_options
+def inspect(model: Path, as_json: bool, trust_pickle: bool, example_file: Path | None) -> None:
+    """Show where MODEL's residual connections are (.onnx, .pt2, or .pt/.pth with --trust-pickle)."""
     from rescompile.api import inspect as inspect_model
-    report = inspect_model(model)
+    report = inspect_model(model, _load_examples(example_file), trust_pickle=trust_pickle)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -111,28 +133,41 @@ def _check_onnx(path: Path) -> None:
 @click.option("--atol", default=1e-5, show_default=True, help="Tolerance for --validate.")
 @click.option("--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate).")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker on the output.")
+@_torch_options
 @click.pass_context
-def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, dims, no_check: bool) -> None:
-    """Rewrite MODEL with passes and write the result to OUTPUT."""
-    from rescompile.api import build_passes, load
-    from rescompile.frontends.onnx import save_onnx
+def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, dims, no_check: bool,
+          trust_pickle: bool, example_file: Path | None) -> None:
+    """Rewrite MODEL with passes and write the result to OUTPUT.
+
+    ONNX models give ONNX; torch programs (.pt2, or .pt/.pth with --trust-pickle)
+    give .pt2 or .onnx, chosen by OUTPUT's suffix."""
+    from rescompile.api import PICKLE_SUFFIXES, PT2_SUFFIX, build_passes, load
+    from rescompile.frontends import is_torch_graph
     from rescompile.infra import PassManager
     if _same_file(model, output) or _same_file(Path(str(model) + ".data"), Path(str(output) + ".data")):
         raise RescompileError(f"-o {output} would overwrite the input; choose another output path")
-    if output.suffix != ".onnx":
-        raise RescompileError(f"-o {output}: the output must be an .onnx file")
+    torch_input = model.suffix in (PT2_SUFFIX, *PICKLE_SUFFIXES)
+    allowed = (".pt2", ".onnx") if torch_input else (".onnx",)
+    if output.suffix not in allowed:
+        raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}")
     passes = build_passes(specs)  # fail on a bad spec before loading a large model
     dim_values = _parse_dims(dims)
+    examples = _load_examples(example_file)
     console = _console()
     t0 = time.perf_counter()
-    graph = load(model)
+    graph = load(model, examples, trust_pickle=trust_pickle)
     t1 = time.perf_counter()
     manager = PassManager(passes, check=ctx.obj["debug"])
     result = manager(graph)
     t2 = time.perf_counter()
     from rescompile.ir import verify
     verify(graph)
-    save_onnx(graph, output, check=None if no_check else _check_onnx)
+    if is_torch_graph(graph):
+        from rescompile.frontends.torch import save_program
+        save_program(graph, output)
+    else:
+        from rescompile.frontends.onnx import save_onnx
+        save_onnx(graph, output, check=None if no_check else _check_onnx)
     t3 = time.perf_counter()
     for key, stats in result.stats.items():
         name = key.split(":", 1)[1]
@@ -145,8 +180,14 @@ def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float,
             changed = ", ".join(p.name for p in passes if not p.preserves_function)
             console.print(f"validate: skipped, {changed} changes the function by design")
             return
-        from rescompile.validation import compare_onnx
-        res = compare_onnx(model, output, atol=atol, dims=dim_values)
+        if is_torch_graph(graph):
+            from rescompile.frontends.torch import compare_modules, example_inputs_of, export_module
+            reference = export_module(load(model, examples, trust_pickle=trust_pickle))
+            args, kwargs = example_inputs_of(graph)
+            res = compare_modules(reference, export_module(graph), args, kwargs=kwargs, atol=atol)
+        else:
+            from rescompile.validation import compare_onnx
+            res = compare_onnx(model, output, atol=atol, dims=dim_values)
         _print_validation(console, res)
         if not res.ok:
             sys.exit(1)

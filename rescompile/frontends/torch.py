@@ -90,11 +90,41 @@ def _quiet():
             logging.getLogger("torch").setLevel(level)
 
 
-def capture(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, str]:
-    """Capture `module` as a GraphModule: torch.export first, torch.fx as fallback."""
+def _auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Every dim of every tensor input marked Dim.AUTO (torch.export keeps a dim
+    dynamic where the model allows it), keyed by forward()'s parameter names."""
+    import inspect
+
+    from torch.utils import _pytree as pytree
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    auto = torch.export.Dim.AUTO
+
+    def spec(t):
+        return {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+    return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool = True) -> tuple[fx.GraphModule, str]:
+    """Capture `module` as a GraphModule.
+
+    torch.export (non-strict) with dynamic dims first, so the rewritten module
+    accepts other batch sizes and sequence lengths; then torch.export with static
+    shapes; then torch.fx.symbolic_trace.
+    """
     if not isinstance(module, nn.Module):
         raise RescompileError(f"expected an nn.Module, got {type(module).__name__}")
     name = type(module).__name__
+    shapes = _auto_dynamic_shapes(module, args, kwargs) if dynamic else None
+    if shapes is not None:
+        try:
+            with _quiet():
+                return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False).module(), \
+                    "torch.export"
+        except Exception:
+            pass  # some models only export with static shapes
     try:
         with _quiet():
             ep = torch.export.export(module, args, kwargs, strict=False)
@@ -103,6 +133,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModul
         try:
             with _quiet():
                 gm = fx.symbolic_trace(module)
+                _functionalize_leaf_modules(gm)
                 _propagate_shapes(gm, args, kwargs)
             return gm, "torch.fx"
         except Exception as fx_error:
@@ -110,6 +141,49 @@ def capture(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModul
                 f"cannot capture {name}: torch.export failed ({_first_line(export_error)}) and "
                 f"torch.fx.symbolic_trace failed ({_first_line(fx_error)}); check that the example "
                 "inputs match forward() and that forward() has no data-dependent control flow") from fx_error
+
+
+def _leaf_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module):
+    """(function, args) computing `mod(x)` from its parameters, or None if unknown."""
+    import torch.nn.functional as F
+
+    def attr(name):
+        return gm.graph.get_attr(f"{node.target}.{name}") if getattr(mod, name, None) is not None else None
+
+    x = node.args[0]
+    if isinstance(mod, nn.Linear):
+        return F.linear, (x, attr("weight"), attr("bias"))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros":
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(mod.kernel_size)]
+        return conv, (x, attr("weight"), attr("bias"), mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm, (x, mod.normalized_shape, attr("weight"), attr("bias"), mod.eps)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.track_running_stats:
+        return F.batch_norm, (x, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"),
+                              False, 0.0, mod.eps)
+    if isinstance(mod, nn.Embedding):
+        return F.embedding, (x, attr("weight"), mod.padding_idx)
+    return None
+
+
+def _functionalize_leaf_modules(gm: fx.GraphModule) -> None:
+    """Rewrite calls of Linear/Conv/LayerNorm/BatchNorm/Embedding modules into
+    functional calls on `get_attr` parameters (same names), as torch.export
+    graphs have them, so analysis sees the weights. Other modules stay calls."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        mod = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            call = _leaf_call(gm, node, mod)
+            if call is None:
+                continue
+            new = gm.graph.call_function(call[0], call[1])
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
@@ -151,18 +225,24 @@ def load_pt2(path) -> Graph:
         with _quiet():
             ep = torch.export.load(str(path))
     except Exception as exc:
-        raise RescompileError(f"{path}: not a readable torch.export program ({_first_line(exc)})") from exc
+        raise RescompileError(
+            f"{path}: not a readable torch.export program ({_first_line(exc)}); if it takes or returns "
+            "custom classes (e.g. Hugging Face ModelOutput), export it with return_dict=False") from exc
     graph = import_graph_module(ep.module(), method="torch.export", module_name=str(path), training=False)
     if ep.example_inputs is not None:
         graph.source.example_args, graph.source.example_kwargs = ep.example_inputs
     return graph
 
 
+def _dim(d: Any) -> int | str:
+    """A static dim as int (also a SymInt that is really a constant), else its symbol."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+    return int(d) if isinstance(d, int) or is_concrete_int(d) else str(d)
+
+
 def _val_info(val: Any) -> tuple[str | None, tuple | None]:
     if isinstance(val, torch.Tensor):
-        dims = tuple(int(d) if isinstance(d, int) or not hasattr(d, "node") else str(d) for d in val.shape)
-        dims = tuple(d if isinstance(d, (int, str)) else str(d) for d in dims)
-        return str(val.dtype).replace("torch.", ""), dims
+        return str(val.dtype).replace("torch.", ""), tuple(_dim(d) for d in val.shape)
     return None, None
 
 
@@ -265,6 +345,16 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
 
             output_template = fx.node.map_arg(n.args[0], out_slot)
             graph.set_outputs(outputs)
+    # Parameters and buffers the graph does not read (e.g. BatchNorm's
+    # num_batches_tracked) still belong to the module's state.
+    for target, tensor in {**buffers, **params}.items():
+        if target not in initializer_by_target and not target.startswith("_guards_fn"):
+            kind = "parameter" if target in params else "buffer"
+            role = PARAM if kind == "parameter" and tensor.requires_grad else CONST
+            dtype, shape = _val_info(tensor)
+            value = Value(target, dtype=dtype, shape=shape, payload=tensor, role=role)
+            value.meta["torch.kind"] = kind
+            graph.add_initializer(value)
     graph.source = TorchSource(codegen=gm.graph._codegen, placeholders=placeholders,
                                output_template=output_template, buffers_persistent=persistent,
                                training=training, module_name=module_name, method=method)
@@ -369,3 +459,102 @@ def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:
 
 
 inspect_empty = __import__("inspect").Parameter.empty
+
+
+# ----- files and comparison -----------------------------------------------------------------
+def load_pickled_module(path, *, trust_pickle: bool) -> nn.Module:
+    """Load a module saved with `torch.save(model)`; refuse without explicit trust.
+
+    Unpickling runs arbitrary code, so it needs `trust_pickle`. A file that holds
+    only a state dict is refused: the weights alone do not say what the network is.
+    """
+    from pathlib import Path
+    path = Path(path)
+    if not path.exists():
+        raise RescompileError(f"{path}: no such file")
+    try:
+        with _quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        obj = None  # not loadable without unpickling code: a pickled module (or garbage)
+    if isinstance(obj, dict):
+        raise RescompileError(f"{path} holds a state dict (weights only), not a model: build the model in "
+                              "Python, load_state_dict, and pass the module to rescompile.apply, "
+                              "or save it with torch.export.save as .pt2")
+    if not trust_pickle:
+        raise RescompileError(f"{path} is a pickled module; loading it runs code from the file. "
+                              "Pass --trust-pickle if you trust it, or save it as .pt2 with torch.export.save")
+    try:
+        with _quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RescompileError(f"{path}: cannot unpickle ({_first_line(exc)}); the classes it "
+                              "needs must be importable") from exc
+    if not isinstance(obj, nn.Module):
+        raise RescompileError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+    return obj.eval()
+
+
+def example_inputs_of(graph: Graph) -> tuple[tuple, dict]:
+    source = graph.source
+    if not isinstance(source, TorchSource) or (not source.example_args and not source.example_kwargs):
+        raise RescompileError("no example inputs are known for this program; save it with "
+                              "torch.export.save from an ExportedProgram that has them, or pass "
+                              "--example-inputs")
+    return source.example_args, source.example_kwargs
+
+
+def save_program(graph: Graph, path) -> None:
+    """Write the rewritten torch graph as `.pt2` (torch.export.save) or `.onnx`
+    (torch.onnx.export, dynamo), atomically."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+    path = Path(path)
+    args, kwargs = example_inputs_of(graph)
+    module = export_module(graph).eval()
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".rescompile-", dir=parent))
+    try:
+        target = tmpdir / path.name
+        with _quiet(), torch.no_grad():
+            if path.suffix == ".pt2":
+                ep = torch.export.export(module, args, kwargs, strict=False)
+                torch.export.save(ep, str(target))
+            elif path.suffix == ".onnx":
+                torch.onnx.export(module, args, str(target), kwargs=kwargs, dynamo=True, verbose=False)
+            else:
+                raise RescompileError(f"-o {path}: write .pt2 or .onnx")
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):  # model file last
+            os.replace(f, parent / f.name)
+    except RescompileError:
+        raise
+    except Exception as exc:
+        raise RescompileError(f"cannot write {path}: {_first_line(exc)}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def compare_modules(original: nn.Module, rewritten: nn.Module, inputs: Any, *, kwargs: dict | None = None,
+                    atol: float = 1e-5, rtol: float = 0.0):
+    """Run two modules on the same inputs; compare every tensor in their outputs."""
+    from torch.utils import _pytree as pytree
+
+    from rescompile.validation import ValidationResult, diff
+    if inputs is None and not kwargs:
+        raise RescompileError("validate needs inputs for nn.Modules (a tensor, tuple or dict)")
+    args, kwargs = normalize_example_inputs(inputs, kwargs)
+    with torch.no_grad():
+        a = original(*args, **kwargs)
+        b = rewritten(*args, **kwargs)
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if len(leaves_a) != len(leaves_b):
+        raise RescompileError(f"the modules return {len(leaves_a)} and {len(leaves_b)} tensors")
+    diffs = []
+    for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            diffs.append(diff(f"output[{i}]", x.detach().float().numpy(), y.detach().float().numpy(), atol, rtol))
+    return ValidationResult(tuple(diffs), atol, rtol, {})
