@@ -3,14 +3,22 @@
 No import-time registration: a pass is available when it is listed here.
 """
 
+from .decay import DecayPass
+from .deepnorm import DeepNormPass
+from .depthscale import DepthScalePass
+from .fold import FoldPass
+from .gate import GatePass
 from .identity import IdentityPass
+from .laurel import LaurelPass
+from .layerscale import LayerScalePass
 from .rezero import RezeroPass
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass"]
+__all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass", "LayerScalePass", "LaurelPass",
+           "GatePass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
 
-PASSES = {
-    IdentityPass.name: IdentityPass,
-    RezeroPass.name: RezeroPass,
-}
+PASSES = {cls.name: cls for cls in (
+    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass,
+    DecayPass, DeepNormPass, DepthScalePass, FoldPass,
+)}
 
 DEFAULT_PIPELINE: tuple[str, ...] = ()

@@ -1,5 +1,6 @@
-"""Helpers shared by passes that rewrite a residual branch: insert an op between
-the branch and its add, and create new parameters with stable names."""
+"""Helpers shared by passes that rewrite residual sites: new parameters with
+stable names, inserting ops on an add's operands, channel axes and broadcast
+shapes. Passes build nodes only from the IR's core op set (ONNX names)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 import numpy as np
 
 from rescompile.analysis.residuals import ResidualSite
+from rescompile.errors import RescompileError
 from rescompile.ir import Graph, Node, Value
 
-__all__ = ["param_name", "new_param", "multiply_branch"]
+__all__ = ["param_name", "new_param", "insert_op", "multiply_operand", "channel_axis",
+           "channel_count", "vector_shape", "numpy_of"]
 
 
 def param_name(pass_name: str, site: ResidualSite, role: str) -> str:
@@ -20,18 +23,62 @@ def param_name(pass_name: str, site: ResidualSite, role: str) -> str:
 
 def new_param(graph: Graph, pass_name: str, site: ResidualSite, role: str, array: Any,
               *, trainable: bool = True) -> Value:
+    """Register a new initializer for `site` with the branch's dtype."""
     dtype = site.branch.dtype or "float32"
     array = np.asarray(array, dtype=dtype)
     return graph.add_param(param_name(pass_name, site, role), array, dtype=dtype, trainable=trainable)
 
 
-def multiply_branch(graph: Graph, site: ResidualSite, factor: Value, pass_name: str) -> Node:
-    """Rewire `skip + branch` into `skip + branch * factor`; returns the Mul node."""
-    branch = site.branch
-    mul = Node("Mul", [branch, factor], name=f"{pass_name}/{site.name}/mul",
-               output_names=[f"{branch.name}.{pass_name}"])
-    mul.meta["pass"] = pass_name
-    mul.output.dtype, mul.output.shape = branch.dtype, branch.shape
-    graph.insert_before(site.add, mul)
-    site.add.replace_input_with(1 - site.skip_index, mul.output)
-    return mul
+def insert_op(graph: Graph, op_type: str, inputs: list[Value], *, before: Node, pass_name: str,
+              name: str, like: Value | None = None, attrs: dict | None = None) -> Value:
+    """Insert a core op before `before`; the output takes `like`'s dtype and shape."""
+    node = Node(op_type, inputs, attrs=attrs, name=f"{pass_name}/{name}",
+                output_names=[f"{pass_name}/{name}"])
+    node.meta["pass"] = pass_name
+    if like is not None:
+        node.output.dtype, node.output.shape = like.dtype, like.shape
+    graph.insert_before(before, node)
+    return node.output
+
+
+def multiply_operand(graph: Graph, site: ResidualSite, which: str, factor: Value, pass_name: str) -> Node:
+    """Rewire the site's add so that operand `which` ("skip" or "branch") is multiplied by `factor`."""
+    index = site.skip_index if which == "skip" else 1 - site.skip_index
+    operand = site.add.inputs[index]
+    out = insert_op(graph, "Mul", [operand, factor], before=site.add, pass_name=pass_name,
+                    name=f"{site.name}/{which}_mul", like=operand)
+    site.add.replace_input_with(index, out)
+    return out.producer
+
+
+def channel_axis(value: Value) -> int:
+    """The channel axis of a stream tensor: 1 for NCHW-like (rank 4/5), else the last."""
+    rank = len(value.shape) if value.shape is not None else None
+    if rank is None:
+        raise RescompileError(f"{value.name!r} has unknown rank; cannot find its channel axis")
+    return 1 if rank in (4, 5) else rank - 1
+
+
+def channel_count(value: Value) -> int:
+    axis = channel_axis(value)
+    size = value.shape[axis]
+    if not isinstance(size, int):
+        raise RescompileError(f"{value.name!r} has a dynamic channel dimension ({size})")
+    return size
+
+
+def vector_shape(value: Value) -> tuple[int, ...]:
+    """Shape of a per-channel vector that broadcasts against `value`: (C,) for
+    channel-last tensors, (C, 1, 1) for NCHW (numpy broadcasting aligns right)."""
+    axis = channel_axis(value)
+    rank = len(value.shape)
+    return (channel_count(value),) + (1,) * (rank - 1 - axis)
+
+
+def numpy_of(payload: Any) -> np.ndarray:
+    """A numpy copy of an initializer payload (numpy, onnx-ir tensor or torch tensor)."""
+    if isinstance(payload, np.ndarray):
+        return payload.copy()
+    if hasattr(payload, "detach"):
+        return payload.detach().cpu().numpy().copy()
+    return np.array(payload.numpy(), copy=True)

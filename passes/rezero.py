@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._branch import multiply_branch, new_param
-from rescompile.infra import PassBase, PassResult
+from ._branch import multiply_operand, new_param
+from rescompile.infra import PassBase, PassResult, sites_option
 from rescompile.ir import Graph
 
 __all__ = ["RezeroPass"]
@@ -29,7 +29,7 @@ class RezeroPass(PassBase):
     @dataclasses.dataclass
     class Options:
         init: float = dataclasses.field(default=1.0, metadata={"help": "initial alpha (1 keeps the function, 0 is the paper's)"})
-        sites: str = dataclasses.field(default="all", metadata={"help": "which sites (all, stream:N, depth:A-B, name:GLOB)"})
+        sites: str = sites_option()
 
     @property
     def preserves_function(self) -> bool:
@@ -39,5 +39,5 @@ class RezeroPass(PassBase):
         sites = self.selected_sites(graph)
         for site in sites:
             alpha = new_param(graph, self.name, site, "alpha", self.options.init)
-            multiply_branch(graph, site, alpha, self.name)
+            multiply_operand(graph, site, "branch", alpha, self.name)
         return PassResult(graph, modified=bool(sites), stats={"sites": len(sites)})

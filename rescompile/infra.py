@@ -22,7 +22,7 @@ from rescompile.errors import RescompileError
 from rescompile.ir import Graph, verify
 
 __all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
-           "option_table"]
+           "option_table", "sites_option"]
 
 logger = logging.getLogger("rescompile")
 
@@ -87,6 +87,12 @@ class SiteSelector:
 
     def select(self, analysis: ResidualAnalysis) -> list[ResidualSite]:
         return [s for s in analysis.sites if self(s)]
+
+
+def sites_option() -> Any:
+    """The `sites` option every site-level pass takes (see SiteSelector)."""
+    return dataclasses.field(default="all", metadata={
+        "help": "which sites: all, stream:N, depth:A-B, name:GLOB, kind:K (join with ';')"})
 
 
 class PassBase:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["ModelCase", "HF_CASES", "SYNTHETIC_CASES", "build", "export_onnx", "cached_onnx"]
+__all__ = ["ModelCase", "HF_CASES", "SYNTHETIC_CASES", "EXACT_NORM_CASES", "build", "export_onnx", "cached_onnx"]
 
 
 @dataclasses.dataclass
@@ -34,11 +34,11 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def gpt2(layers: int = 2, seq: int = 8, width: int = 32) -> ModelCase:
+def gpt2(layers: int = 2, seq: int = 8, width: int = 32, eps: float = 1e-5) -> ModelCase:
     import transformers as T
     _seed()
     cfg = T.GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=101, n_positions=64,
-                       use_cache=False, bos_token_id=0, eos_token_id=0)
+                       use_cache=False, bos_token_id=0, eos_token_id=0, layer_norm_epsilon=eps)
     model = T.GPT2Model(cfg).eval()
     ids = torch.randint(0, 101, (2, seq))
     return ModelCase("gpt2", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
@@ -56,22 +56,22 @@ def bert(layers: int = 2, seq: int = 8) -> ModelCase:
                      sites=2 * layers, norm="post", exporters=("dynamo", "legacy"))
 
 
-def llama(layers: int = 2, seq: int = 8) -> ModelCase:
+def llama(layers: int = 2, seq: int = 8, eps: float = 1e-6) -> ModelCase:
     import transformers as T
     _seed()
     cfg = T.LlamaConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=64, vocab_size=101,
-                        max_position_embeddings=64, use_cache=False)
+                        max_position_embeddings=64, use_cache=False, rms_norm_eps=eps)
     model = T.LlamaModel(cfg).eval()
     ids = torch.randint(0, 101, (2, seq))
     return ModelCase("llama", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
 
 
-def vit(layers: int = 2) -> ModelCase:
+def vit(layers: int = 2, eps: float = 1e-12) -> ModelCase:
     import transformers as T
     _seed()
     cfg = T.ViTConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
-                      intermediate_size=64, image_size=16, patch_size=8, num_channels=3)
+                      intermediate_size=64, image_size=16, patch_size=8, num_channels=3, layer_norm_eps=eps)
     model = T.ViTModel(cfg, add_pooling_layer=False).eval()
     pixels = torch.randn(2, 3, 16, 16)
     return ModelCase("vit", model, (), {"pixel_values": pixels}, sites=2 * layers, norm="pre",
@@ -104,6 +104,32 @@ class ResidualMLP(nn.Module):
         for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
             x = x + fc2(torch.relu(fc1(norm(x))))
         return self.head(x)
+
+
+class PostNormMLP(nn.Module):
+    """x -> [LN(x + W2 relu(W1 x))] * blocks; post-norm, one stream."""
+
+    def __init__(self, blocks: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+
+    def forward(self, x):
+        for fc1, fc2, norm in zip(self.fc1, self.fc2, self.norms):
+            x = norm(x + fc2(torch.relu(fc1(x))))
+        return x
+
+
+class ActivationBranchMLP(nn.Module):
+    """x + relu(W x): the branch ends in an activation, so a factor on it cannot be folded."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x))
 
 
 class PlainMLP(nn.Module):
@@ -221,6 +247,21 @@ def residual_cnn() -> ModelCase:
                      projection=1, norm="none", exporters=("dynamo", "legacy"))
 
 
+def _exact_norm(builder: Callable[..., ModelCase], name: str) -> Callable[[], ModelCase]:
+    """The same model with norm eps = 0, so norms are exactly scale-invariant (for the
+    compensate options of decay/depth passes, whose proofs rely on N(c x) = N(x))."""
+    def make() -> ModelCase:
+        case = builder(eps=0.0)
+        case.name = name
+        return case
+    return make
+
+
+EXACT_NORM_CASES: dict[str, Callable[[], ModelCase]] = {
+    "gpt2_eps0": _exact_norm(gpt2, "gpt2_eps0"), "llama_eps0": _exact_norm(llama, "llama_eps0"),
+    "vit_eps0": _exact_norm(vit, "vit_eps0"),
+}
+
 HF_CASES: dict[str, Callable[[], ModelCase]] = {
     "gpt2": gpt2, "bert": bert, "llama": llama, "vit": vit, "resnet50": resnet50_layout,
 }
@@ -231,7 +272,7 @@ SYNTHETIC_CASES: dict[str, Callable[[], ModelCase]] = {
 
 
 def build(name: str) -> ModelCase:
-    return {**HF_CASES, **SYNTHETIC_CASES}[name]()
+    return {**HF_CASES, **SYNTHETIC_CASES, **EXACT_NORM_CASES}[name]()
 
 
 def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dynamo",

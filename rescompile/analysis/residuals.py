@@ -36,7 +36,7 @@ import numpy as np
 from rescompile.ir import MIXING_FREE_KINDS, Graph, Node, OpKind, Value, data_inputs
 from rescompile.ir._core import PARAM
 
-__all__ = ["ResidualSite", "ResidualStream", "ResidualAnalysis", "find_residuals"]
+__all__ = ["ResidualSite", "ResidualStream", "ResidualAnalysis", "find_residuals", "only_read_by_norms"]
 
 # A closure this large is not a residual branch's start; stop looking.
 _CLOSURE_LIMIT = 512
@@ -423,3 +423,21 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
             members.append(final[i])
         streams.append(ResidualStream(index=index, sites=tuple(members)))
     return ResidualAnalysis(sites=tuple(final[i] for i in range(len(sites))), streams=tuple(streams))
+
+
+def only_read_by_norms(graph: Graph, value: Value) -> bool:
+    """Whether every use of `value` goes into a norm (a norm op, or a decomposed
+    norm such as RMSNorm's x * rsqrt(mean(x^2))) before anything else reads it."""
+    facts = _Facts(graph)
+    values, weighted = _closure(facts, value)
+    if weighted:
+        return False
+    for v, normed in values.items():
+        if normed:
+            continue
+        if v.is_graph_output:
+            return False
+        for node in v.consumers():
+            if any(out not in values for out in node.outputs):
+                return False
+    return True

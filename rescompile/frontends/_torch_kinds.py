@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rescompile.ir import OpKind
+from rescompile.ir import OpKind, ParamSlots
 
-__all__ = ["kind_of_torch_target"]
+__all__ = ["kind_of_torch_target", "torch_param_slots", "base_name"]
 
 _NAMES: dict[OpKind, tuple[str, ...]] = {
     OpKind.ADD: ("add", "add_", "iadd", "__add__", "__iadd__", "__radd__"),
@@ -65,3 +65,43 @@ def base_name(target: Any) -> str:
 
 def kind_of_torch_target(target: Any) -> OpKind:
     return _TABLE.get(base_name(target), OpKind.OTHER)
+
+
+# Argument positions in the op's signature (aten and torch.nn.functional agree).
+_SLOTS = {
+    "linear": ParamSlots(weight=1, weight_out_axis=0, bias=2),
+    "addmm": ParamSlots(weight=2, weight_out_axis=1, bias=0),
+    "mm": ParamSlots(weight=1, weight_out_axis=1),
+    "matmul": ParamSlots(weight=1, weight_out_axis=-1),
+    "conv1d": ParamSlots(weight=1, weight_out_axis=0, bias=2),
+    "conv2d": ParamSlots(weight=1, weight_out_axis=0, bias=2),
+    "conv3d": ParamSlots(weight=1, weight_out_axis=0, bias=2),
+    "convolution": ParamSlots(weight=1, weight_out_axis=0, bias=2),
+    "layer_norm": ParamSlots(gain=2, shift=3),
+    "group_norm": ParamSlots(gain=2, shift=3),
+    "rms_norm": ParamSlots(gain=2),
+    "batch_norm": ParamSlots(gain=1, shift=2),
+    "_native_batch_norm_legit_no_training": ParamSlots(gain=1, shift=2),
+}
+
+
+def torch_param_slots(target: Any, args: tuple, is_input) -> ParamSlots | None:
+    """ParamSlots (in IR input positions) for an aten op or torch function.
+
+    Args:
+        args: the call's positional arguments.
+        is_input: tells whether an argument became an IR input (a tensor node).
+    """
+    slots = _SLOTS.get(base_name(target))
+    if slots is None:
+        return None
+    position, count = {}, 0
+    for arg_index, arg in enumerate(args):
+        if is_input(arg):
+            position[arg_index] = count
+            count += 1
+
+    def remap(arg_index):
+        return None if arg_index is None else position.get(arg_index)
+    return ParamSlots(weight=remap(slots.weight), weight_out_axis=slots.weight_out_axis,
+                      bias=remap(slots.bias), gain=remap(slots.gain), shift=remap(slots.shift))

@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from rescompile.errors import RescompileError
 from rescompile.frontends._torch_core import CORE_OPS
-from rescompile.frontends._torch_kinds import kind_of_torch_target
+from rescompile.frontends._torch_kinds import kind_of_torch_target, torch_param_slots
 from rescompile.ir import CONST, PARAM, Graph, Node, OpKind, Value
 
 __all__ = ["TorchSource", "capture", "import_graph_module", "import_module", "export_module",
@@ -330,6 +330,10 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                 getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
             node = Node(op_type, inputs, domain="torch", attrs=attrs, kind=kinds[n], name=n.name,
                         output_names=[n.name])
+            if n.op == "call_function" and not n.kwargs:
+                slots = torch_param_slots(n.target, n.args, lambda a: isinstance(a, fx.Node))
+                if slots is not None:
+                    node.meta["param_slots"] = slots
             dtype, shape = _val_info(n.meta.get("val"))
             node.outputs[0].dtype, node.outputs[0].shape = dtype, shape
             if "nn_module_stack" in n.meta:
@@ -433,7 +437,9 @@ def export_module(graph: Graph) -> fx.GraphModule:
                 fx_node = fxg.create_node(op, node.attrs["target"], args, kwargs, name=node.name)
         elif node.domain in ("", "ai.onnx") and node.op_type in CORE_OPS and len(node.outputs) == 1:
             attrs = {k: getattr(v, "value", v) for k, v in node.attrs.items()}
-            fx_node = fxg.call_function(CORE_OPS[node.op_type], tuple(ins), attrs)
+            # Small integer constants (axes, shapes) go in as Python values, not buffers.
+            args = tuple(_python_constant(v) if _is_small_int_const(v) else x for v, x in zip(node.inputs, ins))
+            fx_node = fxg.call_function(CORE_OPS[node.op_type], args, attrs)
         else:
             raise RescompileError(f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
                                   "form; export this model to ONNX instead")
@@ -444,6 +450,15 @@ def export_module(graph: Graph) -> fx.GraphModule:
     gm = fx.GraphModule(root, fxg, class_name="RescompiledModule")
     gm.train(source.training)
     return gm
+
+
+def _is_small_int_const(value: Value | None) -> bool:
+    return (value is not None and value.role == CONST and value.dtype is not None
+            and value.dtype.startswith(("int", "uint")) and np.size(np.asarray(_tensor(value.payload, None))) <= 8)
+
+
+def _python_constant(value: Value) -> list[int]:
+    return [int(x) for x in np.asarray(_tensor(value.payload, None)).reshape(-1)]
 
 
 def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from rescompile.ir._kinds import OpKind, kind_of_onnx_op
+from rescompile.ir._kinds import OpKind, ParamSlots, kind_of_onnx_op, onnx_param_slots
 
 __all__ = ["Usage", "Value", "Node", "Graph", "IRError"]
 
@@ -151,6 +151,15 @@ class Node:
         return self._inputs
 
     @property
+    def param_slots(self) -> ParamSlots | None:
+        """Where this op's parameters are (set by the frontend; derived for core ops)."""
+        if "param_slots" in self.meta:
+            return self.meta["param_slots"]
+        if self.domain in ("", "ai.onnx"):
+            return onnx_param_slots(self.op_type, self.attrs)
+        return None
+
+    @property
     def output(self) -> Value:
         """The only output; raises when the node has several."""
         if len(self.outputs) != 1:
@@ -245,6 +254,18 @@ class Graph:
             raise IRError(f"initializer {value.name!r} is still used")
         del self.initializers[value.name]
         value.graph = None
+
+    def set_payload(self, value: Value, payload: Any) -> None:
+        """Replace an initializer's data (e.g. scaled weights), keeping its name and uses.
+
+        The old payload object is not modified: a torch module or ONNX file the
+        graph was imported from keeps its weights.
+        """
+        if value.graph is not self or value.name not in self.initializers:
+            raise IRError(f"{value.name!r} is not an initializer of this graph")
+        shape = tuple(int(d) for d in getattr(payload, "shape", ()))
+        value.payload = payload
+        value.shape = shape
 
     def set_outputs(self, outputs: Iterable[Value]) -> None:
         outputs = list(outputs)

@@ -7,9 +7,10 @@ ONNX table here doubles as the kind table for pass-created nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
-__all__ = ["OpKind", "kind_of_onnx_op", "MIXING_FREE_KINDS"]
+__all__ = ["OpKind", "kind_of_onnx_op", "MIXING_FREE_KINDS", "ParamSlots", "onnx_param_slots"]
 
 
 class OpKind(enum.Enum):
@@ -78,3 +79,41 @@ MIXING_FREE_KINDS = frozenset({
 def kind_of_onnx_op(op_type: str) -> OpKind:
     """Kind of an ONNX standard-domain op (OTHER when unknown)."""
     return _ONNX_KINDS.get(op_type, OpKind.OTHER)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSlots:
+    """Where an op keeps its parameters among its inputs, so a pass can scale the
+    op's output by changing parameters without knowing the op or its frontend.
+
+    For weighted ops the output channel c is produced by weight slice
+    `weight[..., c, ...]` along `weight_out_axis` plus `bias[c]`; for norms the
+    output is normalized * gain + shift, per channel.
+    """
+
+    weight: int | None = None
+    weight_out_axis: int | None = None
+    bias: int | None = None
+    gain: int | None = None
+    shift: int | None = None
+
+
+def onnx_param_slots(op_type: str, attrs: dict) -> ParamSlots | None:
+    """ParamSlots for ONNX standard ops (the core op set)."""
+    def attr(name, default):
+        value = attrs.get(name, default)
+        return getattr(value, "value", value)
+    if op_type == "MatMul":
+        return ParamSlots(weight=1, weight_out_axis=-1)
+    if op_type == "Gemm":
+        if attr("transA", 0):
+            return None
+        return ParamSlots(weight=1, weight_out_axis=0 if attr("transB", 0) else 1, bias=2)
+    if op_type in ("Conv", "ConvTranspose"):
+        out_axis = 0 if op_type == "Conv" else 1
+        return ParamSlots(weight=1, weight_out_axis=out_axis, bias=2) if attr("group", 1) == 1 or op_type == "Conv" else None
+    if op_type in ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"):
+        return ParamSlots(gain=1, shift=2)
+    if op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
+        return ParamSlots(gain=1)
+    return None
