@@ -77,8 +77,8 @@ def vector_shape(value: Value) -> tuple[int, ...]:
 
 def numpy_of(payload: Any) -> np.ndarray:
     """A numpy copy of an initializer payload (numpy, onnx-ir tensor or torch tensor)."""
-    if isinstance(payload, np.ndarray):
-        return payload.copy()
+    if isinstance(payload, (np.ndarray, np.generic, int, float)):
+        return np.array(payload)
     if hasattr(payload, "detach"):
         return payload.detach().cpu().numpy().copy()
     return np.array(payload.numpy(), copy=True)

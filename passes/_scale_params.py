@@ -92,7 +92,7 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             _only_user(const, node, "factor")
             rank = len(current.shape) if current.shape is not None else 1
             scaled = numpy_of(const.payload) * _vector_along(factor, rank, channel_from_end or -1)
-            edits.append(lambda c=const, s=scaled: graph.set_payload(c, s))
+            edits.append(lambda c=const, s=scaled: graph.set_payload(c, np.asarray(s)))
             return edits
         if node.kind is OpKind.ADD and len(live) == 1 and len(consts) == 1:
             bias = consts[0]

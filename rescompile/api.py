@@ -33,7 +33,7 @@ def is_torch_module(model: Any) -> bool:
 
 
 def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-         trust_pickle: bool = False) -> Graph:
+         trust_pickle: bool = False, dynamic: bool = True) -> Graph:
     """Import `model` into the IR.
 
     Args:
@@ -43,12 +43,15 @@ def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None 
         example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
             positional inputs or a dict of keyword inputs.
         trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
+        dynamic: capture modules with dynamic dims where the model allows (the
+            result then accepts other batch sizes and lengths); False captures
+            the example shapes only, which is faster.
     """
     if isinstance(model, Graph):
         return model
     if is_torch_module(model):
         from rescompile.frontends.torch import import_module
-        return import_module(model, example_inputs, example_kwargs)
+        return import_module(model, example_inputs, example_kwargs, dynamic=dynamic)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.suffix == PT2_SUFFIX:
@@ -58,7 +61,7 @@ def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None 
         if path.suffix in PICKLE_SUFFIXES:
             from rescompile.frontends.torch import import_module, load_pickled_module
             module = load_pickled_module(path, trust_pickle=trust_pickle)
-            return import_module(module, example_inputs, example_kwargs)
+            return import_module(module, example_inputs, example_kwargs, dynamic=dynamic)
     from rescompile.frontends.onnx import load_onnx
     return load_onnx(model)
 
@@ -105,7 +108,7 @@ def inspect(model: Any, example_inputs: Any = None, **kw: Any) -> InspectReport:
     Args:
         model: see `load`.
         example_inputs: needed for nn.Modules (tensor, tuple or dict of inputs).
-        **kw: `example_kwargs`, `trust_pickle` (see `load`).
+        **kw: `example_kwargs`, `trust_pickle`, `dynamic` (see `load`).
 
     Returns:
         An `InspectReport` with `.residuals`, `.streams` and `.to_json()`.
@@ -136,7 +139,7 @@ def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: An
         model: see `load`.
         passes: spec strings ("rezero", "rezero:init=0,sites=depth:2-") or pass objects.
         example_inputs: needed for nn.Modules.
-        **kw: `example_kwargs`, `trust_pickle` (see `load`).
+        **kw: `example_kwargs`, `trust_pickle`, `dynamic` (see `load`).
 
     Returns:
         an nn.Module (a trainable `torch.fx.GraphModule` whose original

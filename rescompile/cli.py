@@ -7,6 +7,7 @@ differ beyond tolerance. Work on ONNX files never imports torch.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -256,6 +257,9 @@ def demo(out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    # A command is a short-lived process whose graph lives until it exits: the cyclic
+    # collector would only re-scan it (see rescompile._gc).
+    gc.disable()
     try:
         cli.main(args=argv, prog_name="rescompile", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -96,3 +96,30 @@ def test_json_has_the_documented_fields(onnx_model):
     for row in data["residuals"]:
         assert {"add", "skip", "branch", "kind", "stream", "depth"} <= set(row)
     assert data["streams"][0]["sites"] == [r["add"] for r in data["residuals"]]
+
+
+@pytest.mark.parametrize("specs", [["laurel:variant=rw"], ["decay"], ["rezero", "layerscale", "gate"]])
+def test_sites_stay_visible_after_rewrites(onnx_model, specs):
+    """A scaled skip (beta * x, alpha_l * x) or a gated branch is still the same residual site,
+    at the same depth, so later passes (fold, a second rewrite) find it."""
+    from rescompile.api import build_passes, run_passes
+    graph = load_onnx(onnx_model("gpt2"))
+    before = [(s.depth, s.kind, s.branch_params) for s in find_residuals(graph).sites]
+    run_passes(graph, build_passes(specs))
+    after = find_residuals(graph)
+    assert [(s.depth, s.kind, s.branch_params) for s in after.sites] == before
+    assert len(after.streams) == 1
+
+
+def test_stacked_factors_fold_and_keep_the_function(onnx_model, tmp_path):
+    from rescompile.api import build_passes, run_passes
+    from rescompile.frontends.onnx import save_onnx
+    from rescompile.validation import compare_onnx
+    src = onnx_model("gpt2")
+    graph = load_onnx(src)
+    before = len(graph)
+    result = run_passes(graph, build_passes(["rezero", "laurel:variant=rw", "layerscale", "fold"]))
+    assert result.stats["3:fold"] == {"folded": 12}  # alpha, laurel's alpha, gamma at 4 sites
+    assert len(graph) == before + 4                  # laurel's skip weights stay (not on a branch)
+    save_onnx(graph, tmp_path / "o.onnx")
+    assert compare_onnx(str(src), str(tmp_path / "o.onnx"), atol=1e-5).ok

@@ -52,8 +52,9 @@ class ResidualSite:
         add: the add node.
         skip_index: which input of `add` is the skip.
         kind: "identity" or "projection".
-        fork: the stream value the block reads: the skip for identity sites,
-            the common input `x` for projection sites.
+        fork: the stream value the block reads: the skip for identity sites
+            (under any constant scaling a rewrite put on it), the common input
+            `x` for projection sites.
         weighted: the branch's weighted ops in topological order.
         norm: "pre" (the branch starts with a norm), "post" (a norm follows the
             add) or "none".
@@ -284,14 +285,35 @@ def _same_shape(a: Value, b: Value, out: Value) -> bool:
     return True
 
 
+def _unscaled(facts: _Facts, value: Value) -> Value:
+    """The stream value under a skip that a rewrite scaled (beta * x, x * alpha_l, casts).
+
+    After `decay` or `laurel` multiply the skip, the branch is still computed
+    from x, not from beta * x; looking through the scaling keeps such sites
+    visible to later passes (fold, a second rewrite)."""
+    for _ in range(4):
+        node = value.producer
+        if node is None or node.kind not in (OpKind.MUL, OpKind.DIV, OpKind.CAST, OpKind.IDENTITY):
+            return value
+        live = facts.live_inputs(node)
+        if len(live) != 1 or len([v for v in node.inputs if v is not None]) > 2:
+            return value
+        if node.kind in (OpKind.MUL, OpKind.DIV) and node.inputs[0] is not live[0] and node.kind is OpKind.DIV:
+            return value  # c / x is not a scaling of x
+        value = live[0]
+    return value
+
+
 def _identity_site(facts: _Facts, add: Node, skip_index: int):
+    """Return (normed, fork) when input `skip_index` is the skip of an identity site."""
     skip, branch = add.inputs[skip_index], add.inputs[1 - skip_index]
-    values, weighted = _closure(facts, skip, stop=add)
-    if branch in values:
-        return None  # the branch is a function of the skip with no weighted op: x + f(x) inside an op
-    for node in sorted(weighted, key=facts.order.__getitem__):
-        if _is_ancestor(facts, node, branch):
-            return weighted[node]
+    for start in dict.fromkeys((skip, _unscaled(facts, skip))):
+        values, weighted = _closure(facts, start, stop=add)
+        if branch in values:
+            return None  # the branch is a function of the skip with no weighted op: x + f(x) inside an op
+        for node in sorted(weighted, key=facts.order.__getitem__):
+            if _is_ancestor(facts, node, branch):
+                return weighted[node], start
     return None
 
 
@@ -346,9 +368,9 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
     if not _same_shape(a, b, add.outputs[0]):
         return None
     for skip_index in (0, 1):
-        normed = _identity_site(facts, add, skip_index)
-        if normed is not None:
-            kind, fork = "identity", add.inputs[skip_index]
+        found = _identity_site(facts, add, skip_index)
+        if found is not None:
+            kind, (normed, fork) = "identity", found
             break
     else:
         projection = _projection_site(facts, add)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from rescompile._gc import paused_gc
 from rescompile.errors import RescompileError
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
 
@@ -56,14 +57,21 @@ class OnnxSource:
     path: str | None = None
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def _dtype_name(type_: Any) -> str | None:
     dtype = getattr(type_, "dtype", None)
     if dtype is None:
         return None
-    try:
-        return np.dtype(dtype.numpy()).name
-    except (TypeError, ValueError, AttributeError):
-        return str(dtype).lower()
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        try:
+            name = np.dtype(dtype.numpy()).name
+        except (TypeError, ValueError, AttributeError):
+            name = str(dtype).lower()
+        _DTYPE_NAMES[dtype] = name
+    return name
 
 
 def _shape_tuple(shape: ir.Shape | None) -> tuple | None:
@@ -85,6 +93,10 @@ def _copy_type(src: ir.Value, dst: Value) -> None:
     dst.shape = _shape_tuple(src.shape)
     if src.type is not None:
         dst.meta["onnx.type"] = src.type
+    if src.shape is not None:
+        # Reused on export while the IR shape is unchanged: rebuilding ir.Shape
+        # objects dominated export time on large graphs.
+        dst.meta["onnx.shape"] = (dst.shape, src.shape)
 
 
 def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None]:
@@ -124,8 +136,9 @@ def load_onnx(source: str | os.PathLike | Any) -> Graph:
         RescompileError: missing or unreadable file, unsupported opset, or a
             feature the IR does not model (control-flow subgraphs).
     """
-    model, path = _read(source)
-    return import_model(model, path=path)
+    with paused_gc():
+        model, path = _read(source)
+        return import_model(model, path=path)
 
 
 def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
@@ -224,13 +237,18 @@ def _ir_type(value: Value) -> Any:
 
 
 def _ir_shape(value: Value) -> ir.Shape | None:
-    return None if value.shape is None else ir.Shape(list(value.shape))
+    if value.shape is None:
+        return None
+    kept = value.meta.get("onnx.shape")
+    if kept is not None and kept[0] == value.shape:
+        return kept[1]
+    return ir.Shape(list(value.shape))
 
 
 def _ir_tensor(value: Value) -> Any:
     payload = value.payload
-    if isinstance(payload, ir.TensorProtocol) or hasattr(payload, "raw"):
-        return payload
+    if not isinstance(payload, (np.ndarray, np.generic, int, float)) and hasattr(payload, "raw"):
+        return payload  # an onnx-ir tensor from the input model: written without a copy
     array = np.asarray(payload)
     if value.dtype is not None and array.dtype.name != value.dtype:
         array = array.astype(value.dtype)
@@ -315,13 +333,15 @@ def save_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | No
         source = graph.source
         had_external = isinstance(source, OnnxSource) and source.external_data
         external_data = had_external or _weight_bytes(graph) > _EXTERNAL_DATA_THRESHOLD
-    model = export_model(graph)
+    with paused_gc():
+        model = export_model(graph)
     parent = path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data" if external_data else None
     tmpdir = Path(tempfile.mkdtemp(prefix=".rescompile-", dir=parent))
     try:
-        ir.save(model, tmpdir / path.name, external_data=data_name)
+        with paused_gc():
+            ir.save(model, tmpdir / path.name, external_data=data_name)
         if check is not None:
             check(tmpdir / path.name)
         written = []

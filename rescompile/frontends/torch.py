@@ -207,12 +207,13 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
                            for n, p in zip(names, placeholders)])
 
 
-def import_module(module: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None) -> Graph:
+def import_module(module: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
+                  dynamic: bool = True) -> Graph:
     """Capture and import an nn.Module (see `capture`)."""
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     if not args and not kwargs:
         raise RescompileError(f"{type(module).__name__}: example_inputs are needed to trace an nn.Module")
-    gm, method = capture(module, args, kwargs)
+    gm, method = capture(module, args, kwargs, dynamic=dynamic)
     graph = import_graph_module(gm, method=method, module_name=type(module).__name__,
                                 training=module.training)
     graph.source.example_args, graph.source.example_kwargs = args, kwargs

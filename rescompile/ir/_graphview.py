@@ -6,8 +6,6 @@ whole-graph questions (dominators, all paths) where building a DiGraph once pays
 
 from __future__ import annotations
 
-import networkx as nx
-
 from rescompile.ir._core import Graph
 from rescompile.ir._kinds import OpKind
 
@@ -21,12 +19,13 @@ def data_inputs(node):
     return tuple(v for v in node.inputs if v is not None)
 
 
-def to_networkx(graph: Graph, *, data_only: bool = True) -> nx.DiGraph:
+def to_networkx(graph: Graph, *, data_only: bool = True):
     """Values and nodes as one DiGraph: value -> node -> value edges.
 
     Args:
         data_only: drop edges that carry only a shape (into Shape/Size ops).
     """
+    import networkx as nx  # imported here: 0.1 s that inspect/apply do not need
     g = nx.DiGraph()
     for value in graph.values():
         g.add_node(value, type="value")

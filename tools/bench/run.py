@@ -1,0 +1,44 @@
+"""Run every benchmark and rewrite BENCHMARKS.md from their results (`make bench`).
+
+Each benchmark writes tools/bench/results/<name>.md with the command that
+produced it; this script runs them in order and concatenates the results.
+Usage: python tools/bench/run.py [--only runtime,compile,scaling,torchpath]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+ORDER = ["compile", "scaling", "torchpath", "runtime"]
+
+HEADER = """# Benchmarks
+
+Produced by `make bench` (`python tools/bench/run.py`), which runs each script
+below and rewrites this file; each section names the exact command and the
+machine. Ratios are taken within one run, never across runs. Large models are
+built once into `.cache/bench/` (GPT-2 48 layers: about 1.4 GB).
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=",".join(ORDER))
+    args = parser.parse_args()
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, str(HERE / f"{name}.py")], check=True, cwd=ROOT)
+        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    sections = [(HERE / "results" / f"{n}.md").read_text() for n in ORDER if (HERE / "results" / f"{n}.md").exists()]
+    (ROOT / "BENCHMARKS.md").write_text(HEADER + "\n" + "\n".join(sections))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
