@@ -8,16 +8,17 @@ from .deepnorm import DeepNormPass
 from .depthscale import DepthScalePass
 from .fold import FoldPass
 from .gate import GatePass
+from .hyper import HyperConnectionsPass
 from .identity import IdentityPass
 from .laurel import LaurelPass
 from .layerscale import LayerScalePass
 from .rezero import RezeroPass
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass", "LayerScalePass", "LaurelPass",
-           "GatePass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
+           "GatePass", "HyperConnectionsPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
 
 PASSES = {cls.name: cls for cls in (
-    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass,
+    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass,
     DecayPass, DeepNormPass, DepthScalePass, FoldPass,
 )}
 

@@ -104,3 +104,15 @@ def test_onnx_work_does_not_import_torch(onnx_model, tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_apply_compensated_depthscale_then_fold_keeps_function_and_size(onnx_model, tmp_path, capsys):
+    import onnx as _onnx
+    src = onnx_model("llama")
+    out = tmp_path / "d.onnx"
+    assert main(["apply", str(src), "-p", "depthscale:compensate=true", "-p", "fold", "-o", str(out),
+                 "--validate"]) == 0
+    text = capsys.readouterr().out
+    assert "depthscale: sites=4" in text and "fold: folded=4" in text and "outputs within" in text
+    assert len(_onnx.load(str(out), load_external_data=False).graph.node) == \
+        len(_onnx.load(str(src), load_external_data=False).graph.node)

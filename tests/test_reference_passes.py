@@ -182,3 +182,11 @@ def test_new_gate_parameters_get_gradients():
         assert new, specs
         # With B = 0 (lr) only B's gradient is non-zero at init, as for any zero-init factor pair.
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in new.values()), specs
+
+
+def test_deepnorm_constants_match_torchscale():
+    from rescompile.passes.deepnorm import deepnorm_alpha
+    assert deepnorm_alpha("encoder", 6, 0, "encoder") == pytest.approx((2 * 6) ** 0.25)
+    assert deepnorm_alpha("decoder", 0, 6, "decoder") == pytest.approx((2 * 6) ** 0.25)
+    assert deepnorm_alpha("encoder-decoder", 6, 6, "encoder") == pytest.approx(0.81 * (6 ** 4 * 6) ** (1 / 16))
+    assert deepnorm_alpha("encoder-decoder", 6, 6, "decoder") == pytest.approx((3 * 6) ** 0.25)

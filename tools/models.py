@@ -215,6 +215,38 @@ class ResidualCNN(nn.Module):
         return torch.relu(x + self.b4(x))
 
 
+class PreActCNN(nn.Module):
+    """Pre-activation residual CNN (ResNet v2 style): x + conv(relu(bn(conv(relu(bn(x)))))),
+    a pure NCHW stream with the channel axis 1."""
+
+    def __init__(self, c: int = 8, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+                          nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+            for _ in range(blocks))
+        self.norm = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return torch.relu(self.norm(x))
+
+
+def preact_cnn() -> ModelCase:
+    _seed()
+    model = PreActCNN().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return ModelCase("preact_cnn", model, (torch.randn(2, 3, 8, 8),), {}, sites=3, norm="pre",
+                     exporters=("dynamo", "legacy"))
+
+
 def residual_mlp() -> ModelCase:
     _seed()
     return ModelCase("residual_mlp", ResidualMLP().eval(), (torch.randn(2, 5, 16),), {}, sites=3,
@@ -267,7 +299,7 @@ HF_CASES: dict[str, Callable[[], ModelCase]] = {
 }
 SYNTHETIC_CASES: dict[str, Callable[[], ModelCase]] = {
     "residual_mlp": residual_mlp, "plain_mlp": plain_mlp, "masked_attention": masked_attention,
-    "class_token": class_token, "residual_cnn": residual_cnn,
+    "class_token": class_token, "residual_cnn": residual_cnn, "preact_cnn": preact_cnn,
 }
 
 

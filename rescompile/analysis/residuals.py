@@ -59,6 +59,8 @@ class ResidualSite:
         norm: "pre" (the branch starts with a norm), "post" (a norm follows the
             add) or "none".
         branch_params: parameters in the branch's weighted ops.
+        nodes: the branch's nodes (on data paths from the fork to the branch),
+            in topological order.
         stream, depth: the residual stream and 0-based position along it.
     """
 
@@ -69,6 +71,7 @@ class ResidualSite:
     weighted: tuple[Node, ...]
     norm: str
     branch_params: int
+    nodes: tuple[Node, ...] = ()
     stream: int = -1
     depth: int = -1
 
@@ -383,7 +386,7 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
     weighted = tuple(n for n in inside if n in facts.weighted)
     return ResidualSite(add=add, skip_index=skip_index, kind=kind, fork=fork, weighted=weighted,
                         norm="pre" if normed else "none",
-                        branch_params=sum(facts.weighted[n] for n in weighted))
+                        branch_params=sum(facts.weighted[n] for n in weighted), nodes=tuple(inside))
 
 
 def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:

@@ -44,6 +44,14 @@ def rescompile_relu(x):
     return torch.relu(x)
 
 
+def rescompile_sqrt(x):
+    return torch.sqrt(x)
+
+
+def rescompile_max(a, b):
+    return torch.maximum(a, b)
+
+
 def rescompile_identity(x):
     return x
 
@@ -76,7 +84,7 @@ def rescompile_reduce_sum(x, axes=None, keepdims=1):
 CORE_OPS = {
     "Add": rescompile_add, "Sub": rescompile_sub, "Mul": rescompile_mul, "Div": rescompile_div,
     "MatMul": rescompile_matmul, "Sigmoid": rescompile_sigmoid, "Tanh": rescompile_tanh,
-    "Relu": rescompile_relu, "Identity": rescompile_identity, "Concat": rescompile_concat,
+    "Relu": rescompile_relu, "Sqrt": rescompile_sqrt, "Max": rescompile_max, "Identity": rescompile_identity, "Concat": rescompile_concat,
     "Transpose": rescompile_transpose, "Reshape": rescompile_reshape,
     "ReduceMean": rescompile_reduce_mean, "ReduceSum": rescompile_reduce_sum,
 }

@@ -379,7 +379,10 @@ def _tensor(payload: Any, dtype: str | None) -> torch.Tensor:
 
 
 def _attr_path(name: str) -> list[str]:
-    return [re.sub(r"\W", "_", p) or "_" for p in name.split(".")]
+    """Attribute names for a dotted parameter name: identifiers, never keywords."""
+    import keyword
+    parts = [re.sub(r"\W", "_", p) or "_" for p in name.split(".")]
+    return [p + "_" if keyword.iskeyword(p) else p for p in parts]
 
 
 def _register(root: nn.Module, name: str, tensor: torch.Tensor, kind: str, persistent: bool) -> str:

@@ -1,0 +1,251 @@
+"""hyper: hyper-connections (Zhu et al., arXiv 2409.19606).
+
+Each selected residual stream x becomes n parallel copies H (shape [..., n, d],
+channels last; NCHW streams are transposed to channels-last and back). Residual
+site k on the stream, with branch T_k (its pre-norm included), becomes
+
+    h_in  = A_m^T H          width connection: the branch reads a mix of the copies
+    H_new = B^T T_k(h_in) + A_r^T H    depth connection
+
+static: A_m (n x 1) one-hot on k mod n, A_r = I_n, B = 1 (the authors' init).
+dynamic=true adds input-dependent terms as in the paper's Algorithm 2 (and the
+`hyper-connections` package): with Hn = RMSNorm(H) per copy (gain 1 + g, g = 0),
+A_m += s_a tanh(Hn W_m), A_r += s_a tanh(Hn W_r), B += s_b tanh(Hn W_b),
+W = 0 and s = 0.01 at init. The stream starts as n copies of its input and ends
+with their mean (reduce=mean, exact) or sum (reduce=sum, the paper's; exact only
+before a scale-invariant norm). Any other reader of a stream value reads the
+reduced copies. With these inits the function is preserved exactly.
+
+Refused, naming the site: streams that are not pure, i.e. where a norm or an
+activation sits on the stream between sites (post-norm transformers,
+post-activation ResNets: the authors' init has no exact mapping there), streams
+whose shape changes, skips that a rewrite already scaled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from rescompile.analysis.residuals import ResidualSite, ResidualStream
+from rescompile.infra import PassBase, PassError, PassResult
+from rescompile.ir import Graph, Node, OpKind, Value
+
+from ._branch import channel_axis, channel_count
+
+__all__ = ["HyperConnectionsPass"]
+
+
+class _Builder:
+    """Inserts core ops at a cursor (each new op goes right after the previous one)."""
+
+    def __init__(self, graph: Graph, prefix: str, after: Node | None) -> None:
+        self.graph, self.prefix, self.cursor = graph, prefix, after
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[Value], *, dtype: str | None, shape: tuple | None,
+           attrs: dict | None = None, name: str = "") -> Value:
+        self.count += 1
+        label = f"{self.prefix}/{name or op_type.lower()}{self.count}"
+        node = Node(op_type, inputs, attrs=attrs, name=label, output_names=[label])
+        node.meta["pass"] = "hyper"
+        node.output.dtype, node.output.shape = dtype, shape
+        self.graph.insert_after(self.cursor, node)
+        self.cursor = node
+        return node.output
+
+    def const(self, name: str, array, *, trainable: bool, dtype: str) -> Value:
+        array = np.asarray(array, dtype=dtype)
+        return self.graph.add_param(f"rescompile.hyper.{self.prefix.split('/', 1)[1]}.{name}", array,
+                                    dtype=dtype, trainable=trainable)
+
+
+class HyperConnectionsPass(PassBase):
+    """Replace each selected pre-norm residual stream by n hyper-connected copies."""
+
+    name = "hyper"
+    summary = "hyper-connections: n copies of each stream mixed by learned width/depth connections"
+
+    @dataclasses.dataclass
+    class Options:
+        n: int = dataclasses.field(default=4, metadata={"help": "expansion rate (copies of the stream)"})
+        dynamic: bool = dataclasses.field(default=False, metadata={"help": "add input-dependent connections"})
+        reduce: str = dataclasses.field(default="mean", metadata={
+            "choices": ("mean", "sum"), "help": "how the copies are merged at the stream's end"})
+        streams: str = dataclasses.field(default="all", metadata={"help": "which streams: all or N|M"})
+
+    def check_options(self) -> None:
+        if self.options.n < 1:
+            raise PassError("hyper: n must be >= 1")
+        if self.options.streams != "all" and not all(s.isdigit() for s in self.options.streams.split("|")):
+            raise PassError(f"hyper: streams must be all or N|M, not {self.options.streams!r}")
+
+    @property
+    def preserves_function(self) -> bool:
+        return self.options.reduce == "mean" or self.options.n == 1
+
+    def call(self, graph: Graph) -> PassResult:
+        analysis = self.residuals(graph)
+        wanted = None if self.options.streams == "all" else {int(s) for s in self.options.streams.split("|")}
+        streams = [s for s in analysis.streams if wanted is None or s.index in wanted]
+        for stream in streams:
+            self._check(stream)
+        for stream in streams:
+            self._rewrite(graph, stream)
+        return PassResult(graph, modified=bool(streams),
+                          stats={"streams": len(streams), "sites": sum(len(s.sites) for s in streams)})
+
+    def _check(self, stream: ResidualStream) -> None:
+        shape = stream.input.shape
+        for previous, site in zip((None,) + stream.sites, stream.sites):
+            # The authors' init keeps the function when the stream is pure: each site's skip is
+            # the previous site's output. A norm or activation on the stream (post-norm, post-activation)
+            # sits between them and has no mapping here.
+            if previous is not None and _through_casts(site.skip) is not previous.output:
+                between = site.skip.producer.op_type if site.skip.producer else "?"
+                raise PassError(f"hyper: site {site.name} reads the stream through {between} "
+                                f"({site.norm}-norm or post-activation block); hyper-connections need a pure "
+                                "residual stream as in pre-norm models (select others with streams=)")
+            if site.kind != "identity" or site.skip is not site.fork:
+                raise PassError(f"hyper: site {site.name} has a {site.kind} or rescaled skip; apply hyper first")
+            if site.skip.shape != shape or site.output.shape != shape:
+                raise PassError(f"hyper: the stream changes shape at site {site.name} "
+                                f"({shape} -> {site.output.shape}); not supported")
+        try:
+            channel_count(stream.input)
+        except Exception as exc:
+            raise PassError(f"hyper: stream {stream.index}: {exc}") from exc
+
+    def _rewrite(self, graph: Graph, stream: ResidualStream) -> None:
+        n, x0 = self.options.n, stream.input
+        dtype = x0.dtype or "float32"
+        rank, axis, d = len(x0.shape), channel_axis(x0), channel_count(x0)
+        to_last = [i for i in range(rank) if i != axis] + [axis]
+        from_last = list(np.argsort(to_last))
+        last_shape = tuple(x0.shape[i] for i in to_last)           # [..., d]
+        lead = last_shape[:-1]
+        h_shape = lead + (n, d)                                     # H: [..., n, d]
+        keep = [0] * (rank - 1)                                     # Reshape: 0 copies a dim
+
+        b = _Builder(graph, f"hyper/s{stream.index}", x0.producer)  # right after the stream input
+        int64 = "int64"
+        shape_unsqueeze = b.const("unsqueeze_shape", keep + [1, -1], trainable=False, dtype=int64)
+        shape_squeeze = b.const("squeeze_shape", keep + [-1], trainable=False, dtype=int64)
+
+        def last(value: Value, builder: _Builder) -> Value:
+            if to_last == list(range(rank)):
+                return value
+            return builder.op("Transpose", [value], attrs={"perm": to_last}, dtype=dtype, shape=last_shape)
+
+        def back(value: Value, builder: _Builder) -> Value:
+            if to_last == list(range(rank)):
+                return value
+            return builder.op("Transpose", [value], attrs={"perm": [int(i) for i in from_last]}, dtype=dtype,
+                              shape=x0.shape)
+
+        def unsqueeze(value: Value, builder: _Builder) -> Value:
+            return builder.op("Reshape", [value, shape_unsqueeze], dtype=dtype, shape=lead + (1, d))
+
+        def squeeze(value: Value, builder: _Builder) -> Value:
+            return builder.op("Reshape", [value, shape_squeeze], dtype=dtype, shape=lead + (d,))
+
+        def swap_last_two(value: Value, shape: tuple, builder: _Builder) -> Value:
+            perm = list(range(len(shape) - 2)) + [len(shape) - 1, len(shape) - 2]
+            return builder.op("Transpose", [value], attrs={"perm": perm}, dtype=dtype,
+                              shape=shape[:-2] + (shape[-1], shape[-2]))
+
+        def reduce(h: Value, builder: _Builder, tag: str) -> Value:
+            weight = 1.0 / n if self.options.reduce == "mean" else 1.0
+            w = builder.const(f"{tag}.reduce", np.full((1, n), weight), trainable=False, dtype=dtype)
+            merged = builder.op("MatMul", [w, h], dtype=dtype, shape=lead + (1, d), name="reduce")
+            return back(squeeze(merged, builder), builder)
+
+        # Expand: H0 = n copies of the stream input.
+        ones = b.const("expand", np.ones((n, 1)), trainable=False, dtype=dtype)
+        h = b.op("Mul", [unsqueeze(last(x0, b), b), ones], dtype=dtype, shape=h_shape, name="expand")
+        self._redirect_outside(graph, x0, stream.sites[0], h, reduce, b, "input")
+
+        for k, site in enumerate(stream.sites):
+            # Width ops go right after H is made (before the branch starts), depth ops before the add.
+            sb = _Builder(graph, f"hyper/{site.name}", h.producer)
+            a_m, a_r, beta = self._connections(sb, h, k, n, d, dtype, h_shape, swap_last_two)
+            h_in = sb.op("MatMul", [a_m, h], dtype=dtype, shape=lead + (1, d), name="width")
+            branch_input = back(squeeze(h_in, sb), sb)
+            h_mixed = sb.op("MatMul", [a_r, h], dtype=dtype, shape=h_shape, name="mix")
+            # The branch reads h_in wherever it read the stream value.
+            inside = set(site.nodes)
+            for usage in site.fork.uses():
+                if usage.node in inside:
+                    usage.node.replace_input_with(usage.index, branch_input)
+            sb.cursor = site.add._prev
+            out = unsqueeze(last(site.branch, sb), sb)
+            written = sb.op("Mul", [beta, out], dtype=dtype, shape=h_shape, name="depth")
+            h_next = sb.op("Add", [h_mixed, written], dtype=dtype, shape=h_shape, name="update")
+            following = stream.sites[k + 1] if k + 1 < len(stream.sites) else None
+            self._redirect_outside(graph, site.output, following, h_next, reduce, sb, f"d{k}")
+            h = h_next
+        for site in reversed(stream.sites):
+            graph.remove(site.add)
+
+    def _connections(self, b: _Builder, h: Value, k: int, n: int, d: int, dtype: str, h_shape, swap_last_two):
+        """(A_m^T, A_r^T, B) as values broadcasting against H = [..., n, d]."""
+        am = np.zeros((1, n))
+        am[0, k % n] = 1.0
+        a_m = b.const("static_alpha_m", am, trainable=True, dtype=dtype)      # A_m^T: [1, n]
+        a_r = b.const("static_alpha_r", np.eye(n), trainable=True, dtype=dtype)  # A_r^T: [n, n]
+        beta = b.const("static_beta", np.ones((n, 1)), trainable=True, dtype=dtype)  # B: [n, 1]
+        if not self.options.dynamic:
+            return a_m, a_r, beta
+        lead = h_shape[:-2]
+        # Hn = x / max(||x||, 1e-12) * sqrt(d) * (1 + g): the package's RMSNorm.
+        sq = b.op("Mul", [h, h], dtype=dtype, shape=h_shape)
+        axes = b.const("norm_axes", [-1], trainable=False, dtype="int64")
+        ss = b.op("ReduceSum", [sq, axes], attrs={"keepdims": 1}, dtype=dtype, shape=lead + (n, 1))
+        norm = b.op("Sqrt", [ss], dtype=dtype, shape=lead + (n, 1))
+        norm = b.op("Max", [norm, b.const("norm_eps", 1e-12, trainable=False, dtype=dtype)], dtype=dtype,
+                    shape=lead + (n, 1))
+        gain = b.const("norm_gain", np.zeros(d), trainable=True, dtype=dtype)
+        gain = b.op("Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(d,))
+        gain = b.op("Mul", [gain, b.const("sqrt_d", np.sqrt(d), trainable=False, dtype=dtype)], dtype=dtype,
+                    shape=(d,))
+        hn = b.op("Div", [h, norm], dtype=dtype, shape=h_shape)
+        hn = b.op("Mul", [hn, gain], dtype=dtype, shape=h_shape, name="normed")
+        s_alpha = b.const("dynamic_alpha_scale", 1e-2, trainable=True, dtype=dtype)
+        s_beta = b.const("dynamic_beta_scale", 1e-2, trainable=True, dtype=dtype)
+
+        def dynamic(weight_name, cols, scale, static, static_shape):
+            w = b.const(weight_name, np.zeros((d, cols)), trainable=True, dtype=dtype)
+            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (n, cols))
+            z = b.op("Tanh", [z], dtype=dtype, shape=lead + (n, cols))
+            z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (n, cols))
+            return b.op("Add", [z, static], dtype=dtype, shape=lead + static_shape)
+
+        # Per copy i: alpha_m[i], alpha_r[i, :], beta[i]; transposed to mix the copies with MatMul.
+        am_dyn = dynamic("dynamic_alpha_m", 1, s_alpha, swap_last_two(a_m, (1, n), b), (n, 1))
+        ar_dyn = dynamic("dynamic_alpha_r", n, s_alpha, swap_last_two(a_r, (n, n), b), (n, n))
+        beta_dyn = dynamic("dynamic_beta", 1, s_beta, beta, (n, 1))
+        return (swap_last_two(am_dyn, lead + (n, 1), b), swap_last_two(ar_dyn, lead + (n, n), b), beta_dyn)
+
+    @staticmethod
+    def _redirect_outside(graph, value, following: ResidualSite | None, h, reduce, b, tag) -> None:
+        """Readers of a stream value other than the stream itself (the next site's add and
+        branch) read the reduced copies instead."""
+        keep = set(following.nodes) | {following.add} if following is not None else set()
+        outside = [u for u in value.uses() if u.node not in keep and u.node.meta.get("pass") != "hyper"]
+        is_output = value.is_graph_output
+        if not outside and not is_output:
+            return
+        merged = reduce(h, b, tag)
+        for usage in outside:
+            usage.node.replace_input_with(usage.index, merged)
+        if is_output:
+            graph.set_outputs([merged if v is value else v for v in graph.outputs])
+
+
+def _through_casts(value: Value) -> Value:
+    """The value under casts and identities (torch graphs may read x via x.to(float32))."""
+    while value.producer is not None and value.producer.kind in (OpKind.CAST, OpKind.IDENTITY) \
+            and len([v for v in value.producer.inputs if v is not None]) == 1:
+        value = value.producer.inputs[0]
+    return value

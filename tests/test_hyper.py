@@ -1,0 +1,168 @@
+"""hyper: function-preserving on pure residual streams (token and NCHW), exact for
+n=1, refused with the site named elsewhere, trainable, and equal to the
+independent `hyper-connections` package (PyPI) with the same parameter values."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import rescompile
+from rescompile.api import build_passes, run_passes
+from rescompile.frontends.onnx import load_onnx, save_onnx
+from rescompile.validation import compare_onnx
+from tools.models import build
+
+MODELS = ["gpt2", "llama", "vit", "preact_cnn", "residual_mlp"]
+SPECS = ["hyper:n=1", "hyper", "hyper:dynamic=true", "hyper:n=2,dynamic=true"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_preserves_function_onnx(onnx_model, tmp_path, name, spec):
+    import onnx
+    src = onnx_model(name)
+    graph = load_onnx(src)
+    result = run_passes(graph, build_passes([spec]))
+    assert result.stats["0:hyper"]["sites"] == build(name).sites
+    save_onnx(graph, tmp_path / "h.onnx")
+    onnx.checker.check_model(str(tmp_path / "h.onnx"), full_check=True)
+    res = compare_onnx(str(src), str(tmp_path / "h.onnx"), atol=1e-5)
+    assert res.ok, res.to_json()
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_preserves_function_torch(name, spec):
+    case = build(name)
+    module = rescompile.apply(case.module, [spec], case.args, example_kwargs=case.kwargs)
+    with torch.no_grad():
+        want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
+        got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
+    if spec == "hyper:n=1" and name != "preact_cnn":
+        assert torch.equal(got, want)  # n = 1 is the plain residual network
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,reason", [("bert", "post-norm"), ("residual_cnn", "post-activation")])
+def test_refuses_impure_streams_naming_the_site(name, reason):
+    case = build(name)
+    with pytest.raises(rescompile.RescompileError, match=f"hyper: site .* reads the stream through .*{reason}"):
+        rescompile.apply(case.module, ["hyper"], case.args, example_kwargs=case.kwargs)
+
+
+def test_trains():
+    case = build("residual_mlp")
+    module = rescompile.apply(case.module, ["hyper:n=3,dynamic=true"], case.args).train()
+    x, target = torch.randn(8, 5, 16), torch.randn(8, 5, 4)
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.mse_loss(module(x), target)
+        opt.zero_grad()
+        loss.backward()
+        new = {k: p for k, p in module.named_parameters() if k.startswith("rescompile.hyper.")}
+        assert new and all(p.grad is not None for p in new.values())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+# ----- cross-check with the PyPI package -------------------------------------------------
+D, N, LAYERS = 16, 3, 4
+
+
+class Plain(nn.Module):
+    """x -> [x + branch_k(x)] for k < LAYERS -> LayerNorm -> head; branch = LN, Linear, GELU, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)) for _ in range(LAYERS))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 5)
+
+    def forward(self, x):
+        for branch in self.branches:
+            x = x + branch(x)
+        return self.head(self.norm(x))
+
+
+class WithPackage(nn.Module):
+    """The same network written by hand with hyper_connections.HyperConnections."""
+
+    def __init__(self, plain: Plain):
+        super().__init__()
+        from hyper_connections import HyperConnections
+        self.plain = plain
+        self.hcs = nn.ModuleList(HyperConnections(N, dim=D, branch=b, layer_index=k)
+                                 for k, b in enumerate(plain.branches))
+
+    def forward(self, x):
+        b = x.shape[0]
+        h = x.repeat_interleave(N, dim=0) if False else x.unsqueeze(1).expand(b, N, *x.shape[1:]).reshape(
+            b * N, *x.shape[1:])  # the package's expand: 'b ... -> (b s) ...'
+        for hc in self.hcs:
+            h = hc(h)
+        h = h.reshape(b, N, *x.shape[1:]).sum(1)  # the package's reduce: sum over streams
+        return self.plain.head(self.plain.norm(h))
+
+
+def _perturb(module: nn.Module, dynamic: bool):
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for hc in module.hcs:
+            hc.static_alpha.add_(0.2 * torch.randn_like(hc.static_alpha))
+            hc.static_beta.add_(0.2 * torch.randn_like(hc.static_beta))
+            if dynamic:
+                for p in (hc.dynamic_alpha_fn, hc.dynamic_beta_fn, hc.norm.gamma):
+                    p.copy_(0.3 * torch.randn_like(p))
+                hc.dynamic_alpha_scale.fill_(0.5)
+                hc.dynamic_beta_scale.fill_(0.4)
+
+
+def _copy_into_ours(ours: nn.Module, package: WithPackage, dynamic: bool):
+    """Map the package's parametrisation onto ours, site by site (site k = layer_index k).
+
+    package static_alpha [n, 1 + n] = [A_m | A_r], rows = source stream s
+      ours static_alpha_m = A_m^T ([1, n]); ours static_alpha_r = A_r^T ([n, n], it multiplies H)
+    package static_beta [n]           -> ours static_beta [n, 1]
+    package dynamic_alpha_fn [d, 1+n] -> ours dynamic_alpha_m = [:, :1], dynamic_alpha_r = [:, 1:]
+    package dynamic_beta_fn [d]       -> ours dynamic_beta [d, 1]
+    package norm.gamma, *_scale       -> ours norm_gain, dynamic_*_scale
+    """
+    params = dict(ours.named_parameters())
+    sites = sorted({k.split(".")[2] for k in params if k.startswith("rescompile.hyper.") and
+                    k.endswith("static_alpha_m")}, key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
+    assert len(sites) == LAYERS
+    with torch.no_grad():
+        for site, hc in zip(sites, package.hcs):
+            p = lambda role: params[f"rescompile.hyper.{site}.{role}"]  # noqa: E731
+            p("static_alpha_m").copy_(hc.static_alpha[:, :1].T)
+            p("static_alpha_r").copy_(hc.static_alpha[:, 1:].T)
+            p("static_beta").copy_(hc.static_beta[:, None])
+            if dynamic:
+                p("dynamic_alpha_m").copy_(hc.dynamic_alpha_fn[:, :1])
+                p("dynamic_alpha_r").copy_(hc.dynamic_alpha_fn[:, 1:])
+                p("dynamic_beta").copy_(hc.dynamic_beta_fn[:, None])
+                p("norm_gain").copy_(hc.norm.gamma)
+                p("dynamic_alpha_scale").copy_(hc.dynamic_alpha_scale)
+                p("dynamic_beta_scale").copy_(hc.dynamic_beta_scale)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_matches_the_hyper_connections_package(dynamic):
+    torch.manual_seed(0)
+    plain = Plain().eval()
+    package = WithPackage(plain).eval()
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():  # the package's init is function-preserving with sum-reduce up to the final norm
+        assert torch.allclose(package(x), plain(x), atol=1e-4)
+    _perturb(package, dynamic)
+    ours = rescompile.apply(plain, [f"hyper:n={N},dynamic={str(dynamic).lower()},reduce=sum"], (x,))
+    _copy_into_ours(ours, package, dynamic)
+    with torch.no_grad():
+        want, got, base = package(x), ours(x), plain(x)
+    assert not torch.allclose(want, base, atol=1e-3)  # the perturbed connections matter
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
