@@ -7,6 +7,7 @@ from .decay import DecayPass
 from .deepnorm import DeepNormPass
 from .depthscale import DepthScalePass
 from .fold import FoldPass
+from .frac import FracConnectionsPass
 from .gate import GatePass
 from .hyper import HyperConnectionsPass
 from .identity import IdentityPass
@@ -15,10 +16,10 @@ from .layerscale import LayerScalePass
 from .rezero import RezeroPass
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass", "LayerScalePass", "LaurelPass",
-           "GatePass", "HyperConnectionsPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
+           "GatePass", "HyperConnectionsPass", "FracConnectionsPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
 
 PASSES = {cls.name: cls for cls in (
-    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass,
+    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass, FracConnectionsPass,
     DecayPass, DeepNormPass, DepthScalePass, FoldPass,
 )}
 

@@ -49,7 +49,7 @@ class _Builder:
         self.count += 1
         label = f"{self.prefix}/{name or op_type.lower()}{self.count}"
         node = Node(op_type, inputs, attrs=attrs, name=label, output_names=[label])
-        node.meta["pass"] = "hyper"
+        node.meta["pass"] = self.prefix.split("/", 1)[0]
         node.output.dtype, node.output.shape = dtype, shape
         self.graph.insert_after(self.cursor, node)
         self.cursor = node
@@ -57,7 +57,8 @@ class _Builder:
 
     def const(self, name: str, array, *, trainable: bool, dtype: str) -> Value:
         array = np.asarray(array, dtype=dtype)
-        return self.graph.add_param(f"rescompile.hyper.{self.prefix.split('/', 1)[1]}.{name}", array,
+        pass_name, where = self.prefix.split("/", 1)
+        return self.graph.add_param(f"rescompile.{pass_name}.{where}.{name}", array,
                                     dtype=dtype, trainable=trainable)
 
 
@@ -104,34 +105,46 @@ class HyperConnectionsPass(PassBase):
             # sits between them and has no mapping here.
             if previous is not None and _through_casts(site.skip) is not previous.output:
                 between = site.skip.producer.op_type if site.skip.producer else "?"
-                raise PassError(f"hyper: site {site.name} reads the stream through {between} "
+                raise PassError(f"{self.name}: site {site.name} reads the stream through {between} "
                                 f"({site.norm}-norm or post-activation block); hyper-connections need a pure "
                                 "residual stream as in pre-norm models (select others with streams=)")
             if site.kind != "identity" or site.skip is not site.fork:
-                raise PassError(f"hyper: site {site.name} has a {site.kind} or rescaled skip; apply hyper first")
+                raise PassError(f"{self.name}: site {site.name} has a {site.kind} or rescaled skip; apply hyper first")
             if site.skip.shape != shape or site.output.shape != shape:
-                raise PassError(f"hyper: the stream changes shape at site {site.name} "
+                raise PassError(f"{self.name}: the stream changes shape at site {site.name} "
                                 f"({shape} -> {site.output.shape}); not supported")
         try:
             channel_count(stream.input)
         except Exception as exc:
-            raise PassError(f"hyper: stream {stream.index}: {exc}") from exc
+            raise PassError(f"{self.name}: stream {stream.index}: {exc}") from exc
+
+    # Layout hooks (overridden by frac): rows of H, their width, rows the branch reads.
+    layout = "copies"
+
+    def _rows(self) -> int:
+        return self.options.n
+
+    def _reduce_weight(self) -> float:
+        return 1.0 / self.options.n if self.options.reduce == "mean" else 1.0
 
     def _rewrite(self, graph: Graph, stream: ResidualStream) -> None:
-        n, x0 = self.options.n, stream.input
+        x0 = stream.input
+        copies = self.layout == "copies"
+        rows = self._rows()
         dtype = x0.dtype or "float32"
         rank, axis, d = len(x0.shape), channel_axis(x0), channel_count(x0)
+        width = d if copies else d // rows            # width of one row of H
+        split_rows = 1 if copies else rows            # rows a d-vector splits into
         to_last = [i for i in range(rank) if i != axis] + [axis]
         from_last = list(np.argsort(to_last))
         last_shape = tuple(x0.shape[i] for i in to_last)           # [..., d]
         lead = last_shape[:-1]
-        h_shape = lead + (n, d)                                     # H: [..., n, d]
+        h_shape = lead + (rows, width)                              # H: [..., rows, width]
         keep = [0] * (rank - 1)                                     # Reshape: 0 copies a dim
 
-        b = _Builder(graph, f"hyper/s{stream.index}", x0.producer)  # right after the stream input
-        int64 = "int64"
-        shape_unsqueeze = b.const("unsqueeze_shape", keep + [1, -1], trainable=False, dtype=int64)
-        shape_squeeze = b.const("squeeze_shape", keep + [-1], trainable=False, dtype=int64)
+        b = _Builder(graph, f"{self.name}/s{stream.index}", x0.producer)  # right after the stream input
+        shape_split = b.const("split_shape", keep + [split_rows, -1], trainable=False, dtype="int64")
+        shape_merge = b.const("merge_shape", keep + [-1], trainable=False, dtype="int64")
 
         def last(value: Value, builder: _Builder) -> Value:
             if to_last == list(range(rank)):
@@ -144,11 +157,11 @@ class HyperConnectionsPass(PassBase):
             return builder.op("Transpose", [value], attrs={"perm": [int(i) for i in from_last]}, dtype=dtype,
                               shape=x0.shape)
 
-        def unsqueeze(value: Value, builder: _Builder) -> Value:
-            return builder.op("Reshape", [value, shape_unsqueeze], dtype=dtype, shape=lead + (1, d))
+        def split(value: Value, builder: _Builder) -> Value:
+            return builder.op("Reshape", [value, shape_split], dtype=dtype, shape=lead + (split_rows, width))
 
-        def squeeze(value: Value, builder: _Builder) -> Value:
-            return builder.op("Reshape", [value, shape_squeeze], dtype=dtype, shape=lead + (d,))
+        def merge(value: Value, builder: _Builder) -> Value:
+            return builder.op("Reshape", [value, shape_merge], dtype=dtype, shape=lead + (d,))
 
         def swap_last_two(value: Value, shape: tuple, builder: _Builder) -> Value:
             perm = list(range(len(shape) - 2)) + [len(shape) - 1, len(shape) - 2]
@@ -156,22 +169,26 @@ class HyperConnectionsPass(PassBase):
                               shape=shape[:-2] + (shape[-1], shape[-2]))
 
         def reduce(h: Value, builder: _Builder, tag: str) -> Value:
-            weight = 1.0 / n if self.options.reduce == "mean" else 1.0
-            w = builder.const(f"{tag}.reduce", np.full((1, n), weight), trainable=False, dtype=dtype)
-            merged = builder.op("MatMul", [w, h], dtype=dtype, shape=lead + (1, d), name="reduce")
-            return back(squeeze(merged, builder), builder)
+            if not copies:
+                return back(merge(h, builder), builder)
+            w = builder.const(f"{tag}.reduce", np.full((1, rows), self._reduce_weight()), trainable=False,
+                              dtype=dtype)
+            merged = builder.op("MatMul", [w, h], dtype=dtype, shape=lead + (1, width), name="reduce")
+            return back(merge(merged, builder), builder)
 
-        # Expand: H0 = n copies of the stream input.
-        ones = b.const("expand", np.ones((n, 1)), trainable=False, dtype=dtype)
-        h = b.op("Mul", [unsqueeze(last(x0, b), b), ones], dtype=dtype, shape=h_shape, name="expand")
+        # Expand: H0 = `rows` copies of the stream input, or its `rows` fractions.
+        h = split(last(x0, b), b)
+        if copies:
+            ones = b.const("expand", np.ones((rows, 1)), trainable=False, dtype=dtype)
+            h = b.op("Mul", [h, ones], dtype=dtype, shape=h_shape, name="expand")
         self._redirect_outside(graph, x0, stream.sites[0], h, reduce, b, "input")
 
         for k, site in enumerate(stream.sites):
             # Width ops go right after H is made (before the branch starts), depth ops before the add.
-            sb = _Builder(graph, f"hyper/{site.name}", h.producer)
-            a_m, a_r, beta = self._connections(sb, h, k, n, d, dtype, h_shape, swap_last_two)
-            h_in = sb.op("MatMul", [a_m, h], dtype=dtype, shape=lead + (1, d), name="width")
-            branch_input = back(squeeze(h_in, sb), sb)
+            sb = _Builder(graph, f"{self.name}/{site.name}", h.producer)
+            a_w, a_r, beta = self._connections(sb, h, k, rows, split_rows, width, dtype, h_shape, swap_last_two)
+            h_in = sb.op("MatMul", [a_w, h], dtype=dtype, shape=lead + (split_rows, width), name="width")
+            branch_input = back(merge(h_in, sb), sb)
             h_mixed = sb.op("MatMul", [a_r, h], dtype=dtype, shape=h_shape, name="mix")
             # The branch reads h_in wherever it read the stream value.
             inside = set(site.nodes)
@@ -179,7 +196,7 @@ class HyperConnectionsPass(PassBase):
                 if usage.node in inside:
                     usage.node.replace_input_with(usage.index, branch_input)
             sb.cursor = site.add._prev
-            out = unsqueeze(last(site.branch, sb), sb)
+            out = split(last(site.branch, sb), sb)
             written = sb.op("Mul", [beta, out], dtype=dtype, shape=h_shape, name="depth")
             h_next = sb.op("Add", [h_mixed, written], dtype=dtype, shape=h_shape, name="update")
             following = stream.sites[k + 1] if k + 1 < len(stream.sites) else None
@@ -188,51 +205,60 @@ class HyperConnectionsPass(PassBase):
         for site in reversed(stream.sites):
             graph.remove(site.add)
 
-    def _connections(self, b: _Builder, h: Value, k: int, n: int, d: int, dtype: str, h_shape, swap_last_two):
-        """(A_m^T, A_r^T, B) as values broadcasting against H = [..., n, d]."""
-        am = np.zeros((1, n))
-        am[0, k % n] = 1.0
-        a_m = b.const("static_alpha_m", am, trainable=True, dtype=dtype)      # A_m^T: [1, n]
-        a_r = b.const("static_alpha_r", np.eye(n), trainable=True, dtype=dtype)  # A_r^T: [n, n]
-        beta = b.const("static_beta", np.ones((n, 1)), trainable=True, dtype=dtype)  # B: [n, 1]
+    def _connections(self, b: _Builder, h: Value, k: int, rows: int, read_rows: int, width: int, dtype: str,
+                     h_shape, swap_last_two):
+        """(A_w^T, A_r^T, B) as values broadcasting against H = [..., rows, width].
+
+        A_w^T ([read_rows, rows]) builds the branch input from the rows: one-hot on
+        k mod n for copies (the authors' init), the identity for fractions."""
+        if self.layout == "copies":
+            a_w_init = np.zeros((1, rows))
+            a_w_init[0, k % rows] = 1.0
+        else:
+            a_w_init = np.eye(rows)
+        a_w = b.const("static_alpha_m", a_w_init, trainable=True, dtype=dtype)
+        a_r = b.const("static_alpha_r", np.eye(rows), trainable=True, dtype=dtype)
+        beta = b.const("static_beta", np.ones((rows, 1)), trainable=True, dtype=dtype)
         if not self.options.dynamic:
-            return a_m, a_r, beta
+            return a_w, a_r, beta
         lead = h_shape[:-2]
-        # Hn = x / max(||x||, 1e-12) * sqrt(d) * (1 + g): the package's RMSNorm.
+        # Hn = x / max(||x||, 1e-12) * sqrt(width) * (1 + g) per row: the package's RMSNorm.
         sq = b.op("Mul", [h, h], dtype=dtype, shape=h_shape)
         axes = b.const("norm_axes", [-1], trainable=False, dtype="int64")
-        ss = b.op("ReduceSum", [sq, axes], attrs={"keepdims": 1}, dtype=dtype, shape=lead + (n, 1))
-        norm = b.op("Sqrt", [ss], dtype=dtype, shape=lead + (n, 1))
+        ss = b.op("ReduceSum", [sq, axes], attrs={"keepdims": 1}, dtype=dtype, shape=lead + (rows, 1))
+        norm = b.op("Sqrt", [ss], dtype=dtype, shape=lead + (rows, 1))
         norm = b.op("Max", [norm, b.const("norm_eps", 1e-12, trainable=False, dtype=dtype)], dtype=dtype,
-                    shape=lead + (n, 1))
-        gain = b.const("norm_gain", np.zeros(d), trainable=True, dtype=dtype)
-        gain = b.op("Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(d,))
-        gain = b.op("Mul", [gain, b.const("sqrt_d", np.sqrt(d), trainable=False, dtype=dtype)], dtype=dtype,
-                    shape=(d,))
+                    shape=lead + (rows, 1))
+        gain = b.const("norm_gain", np.zeros(width), trainable=True, dtype=dtype)
+        gain = b.op("Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(width,))
+        gain = b.op("Mul", [gain, b.const("sqrt_d", np.sqrt(width), trainable=False, dtype=dtype)], dtype=dtype,
+                    shape=(width,))
         hn = b.op("Div", [h, norm], dtype=dtype, shape=h_shape)
         hn = b.op("Mul", [hn, gain], dtype=dtype, shape=h_shape, name="normed")
         s_alpha = b.const("dynamic_alpha_scale", 1e-2, trainable=True, dtype=dtype)
         s_beta = b.const("dynamic_beta_scale", 1e-2, trainable=True, dtype=dtype)
 
         def dynamic(weight_name, cols, scale, static, static_shape):
-            w = b.const(weight_name, np.zeros((d, cols)), trainable=True, dtype=dtype)
-            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (n, cols))
-            z = b.op("Tanh", [z], dtype=dtype, shape=lead + (n, cols))
-            z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (n, cols))
+            w = b.const(weight_name, np.zeros((width, cols)), trainable=True, dtype=dtype)
+            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (rows, cols))
+            z = b.op("Tanh", [z], dtype=dtype, shape=lead + (rows, cols))
+            z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (rows, cols))
             return b.op("Add", [z, static], dtype=dtype, shape=lead + static_shape)
 
-        # Per copy i: alpha_m[i], alpha_r[i, :], beta[i]; transposed to mix the copies with MatMul.
-        am_dyn = dynamic("dynamic_alpha_m", 1, s_alpha, swap_last_two(a_m, (1, n), b), (n, 1))
-        ar_dyn = dynamic("dynamic_alpha_r", n, s_alpha, swap_last_two(a_r, (n, n), b), (n, n))
-        beta_dyn = dynamic("dynamic_beta", 1, s_beta, beta, (n, 1))
-        return (swap_last_two(am_dyn, lead + (n, 1), b), swap_last_two(ar_dyn, lead + (n, n), b), beta_dyn)
+        # Per row i: alpha_w[i, :], alpha_r[i, :], beta[i]; transposed to mix the rows with MatMul.
+        aw_dyn = dynamic("dynamic_alpha_m", read_rows, s_alpha, swap_last_two(a_w, (read_rows, rows), b),
+                         (rows, read_rows))
+        ar_dyn = dynamic("dynamic_alpha_r", rows, s_alpha, swap_last_two(a_r, (rows, rows), b), (rows, rows))
+        beta_dyn = dynamic("dynamic_beta", 1, s_beta, beta, (rows, 1))
+        return (swap_last_two(aw_dyn, lead + (rows, read_rows), b), swap_last_two(ar_dyn, lead + (rows, rows), b),
+                beta_dyn)
 
     @staticmethod
     def _redirect_outside(graph, value, following: ResidualSite | None, h, reduce, b, tag) -> None:
         """Readers of a stream value other than the stream itself (the next site's add and
         branch) read the reduced copies instead."""
         keep = set(following.nodes) | {following.add} if following is not None else set()
-        outside = [u for u in value.uses() if u.node not in keep and u.node.meta.get("pass") != "hyper"]
+        outside = [u for u in value.uses() if u.node not in keep and u.node.meta.get("pass") not in ("hyper", "frac")]
         is_output = value.is_graph_output
         if not outside and not is_output:
             return

@@ -166,3 +166,48 @@ def test_matches_the_hyper_connections_package(dynamic):
         want, got, base = package(x), ours(x), plain(x)
     assert not torch.allclose(want, base, atol=1e-3)  # the perturbed connections matter
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "preact_cnn", "residual_mlp"])
+@pytest.mark.parametrize("spec", ["frac:m=1", "frac", "frac:m=2,dynamic=true"])
+def test_frac_preserves_function(onnx_model, tmp_path, name, spec):
+    src = onnx_model(name)
+    graph = load_onnx(src)
+    run_passes(graph, build_passes([spec]))
+    save_onnx(graph, tmp_path / "f.onnx")
+    assert compare_onnx(str(src), str(tmp_path / "f.onnx"), atol=1e-5).ok
+    case = build(name)
+    module = rescompile.apply(case.module, [spec], case.args, example_kwargs=case.kwargs)
+    with torch.no_grad():
+        want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
+        got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_frac_matches_hand_written_formula():
+    """Perturbed static connections against H_new = B^T split(T(merge(Gamma^T H))) + A^T H."""
+    from tools.models import ResidualMLP
+    torch.manual_seed(0)
+    base, m = ResidualMLP().eval(), 2
+    x = torch.randn(2, 5, 16)
+    module = rescompile.apply(base, [f"frac:m={m}"], (x,))
+    params = dict(module.named_parameters())
+    sites = sorted({k.split(".")[2] for k in params if k.startswith("rescompile.frac.")},
+                   key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for site in sites:
+            for role in ("static_alpha_m", "static_alpha_r", "static_beta"):
+                params[f"rescompile.frac.{site}.{role}"].add_(0.3 * torch.randn(params[f"rescompile.frac.{site}.{role}"].shape))
+        h = x.reshape(2, 5, m, 16 // m)
+        for site, norm, fc1, fc2 in zip(sites, base.norms, base.fc1, base.fc2):
+            gamma_t = params[f"rescompile.frac.{site}.static_alpha_m"]   # Gamma^T
+            a_t = params[f"rescompile.frac.{site}.static_alpha_r"]       # A^T
+            beta = params[f"rescompile.frac.{site}.static_beta"]         # B, [m, 1]
+            h_in = (gamma_t @ h).reshape(2, 5, 16)
+            t = fc2(torch.relu(fc1(norm(h_in))))
+            h = beta * t.reshape(2, 5, m, 16 // m) + a_t @ h
+        want = base.head(h.reshape(2, 5, 16))
+        got = module(x)
+    assert not torch.allclose(got, base(x), atol=1e-3)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
