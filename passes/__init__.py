@@ -5,6 +5,7 @@ No import-time registration: a pass is available when it is listed here.
 
 from .decay import DecayPass
 from .deepnorm import DeepNormPass
+from .dense import DenseFormerPass
 from .depthscale import DepthScalePass
 from .fold import FoldPass
 from .frac import FracConnectionsPass
@@ -16,10 +17,10 @@ from .layerscale import LayerScalePass
 from .rezero import RezeroPass
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass", "LayerScalePass", "LaurelPass",
-           "GatePass", "HyperConnectionsPass", "FracConnectionsPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
+           "GatePass", "HyperConnectionsPass", "FracConnectionsPass", "DenseFormerPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
 
 PASSES = {cls.name: cls for cls in (
-    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass, FracConnectionsPass,
+    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass, FracConnectionsPass, DenseFormerPass,
     DecayPass, DeepNormPass, DepthScalePass, FoldPass,
 )}
 

@@ -30,9 +30,10 @@ import numpy as np
 
 from rescompile.analysis.residuals import ResidualSite, ResidualStream
 from rescompile.infra import PassBase, PassError, PassResult
-from rescompile.ir import Graph, Node, OpKind, Value
+from rescompile.ir import Graph, Node, Value
 
 from ._branch import channel_axis, channel_count
+from ._streams import require_pure_stream
 
 __all__ = ["HyperConnectionsPass"]
 
@@ -98,25 +99,7 @@ class HyperConnectionsPass(PassBase):
                           stats={"streams": len(streams), "sites": sum(len(s.sites) for s in streams)})
 
     def _check(self, stream: ResidualStream) -> None:
-        shape = stream.input.shape
-        for previous, site in zip((None,) + stream.sites, stream.sites):
-            # The authors' init keeps the function when the stream is pure: each site's skip is
-            # the previous site's output. A norm or activation on the stream (post-norm, post-activation)
-            # sits between them and has no mapping here.
-            if previous is not None and _through_casts(site.skip) is not previous.output:
-                between = site.skip.producer.op_type if site.skip.producer else "?"
-                raise PassError(f"{self.name}: site {site.name} reads the stream through {between} "
-                                f"({site.norm}-norm or post-activation block); hyper-connections need a pure "
-                                "residual stream as in pre-norm models (select others with streams=)")
-            if site.kind != "identity" or site.skip is not site.fork:
-                raise PassError(f"{self.name}: site {site.name} has a {site.kind} or rescaled skip; apply hyper first")
-            if site.skip.shape != shape or site.output.shape != shape:
-                raise PassError(f"{self.name}: the stream changes shape at site {site.name} "
-                                f"({shape} -> {site.output.shape}); not supported")
-        try:
-            channel_count(stream.input)
-        except Exception as exc:
-            raise PassError(f"{self.name}: stream {stream.index}: {exc}") from exc
+        require_pure_stream(self.name, stream)
 
     # Layout hooks (overridden by frac): rows of H, their width, rows the branch reads.
     layout = "copies"
@@ -268,10 +251,3 @@ class HyperConnectionsPass(PassBase):
         if is_output:
             graph.set_outputs([merged if v is value else v for v in graph.outputs])
 
-
-def _through_casts(value: Value) -> Value:
-    """The value under casts and identities (torch graphs may read x via x.to(float32))."""
-    while value.producer is not None and value.producer.kind in (OpKind.CAST, OpKind.IDENTITY) \
-            and len([v for v in value.producer.inputs if v is not None]) == 1:
-        value = value.producer.inputs[0]
-    return value
