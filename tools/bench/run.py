@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-ORDER = ["compile", "scaling", "torchpath", "runtime"]
+ORDER = ["compile", "scaling", "torchpath", "runtime", "hyper"]
 
 HEADER = """# Benchmarks
 
