@@ -38,6 +38,17 @@ def _is_reshape(node: Node) -> bool:
     return node.op_type in _RESHAPES or name in {"view", "reshape", "_unsafe_view", "flatten", "Reshape", "Flatten"}
 
 
+def _keeps_last_axis(node: Node) -> bool:
+    """A transpose/permute that leaves the last (channel) axis in place commutes with a
+    per-channel factor. ONNX says so in `perm`; the torch frontend records it as meta."""
+    if "keeps_last_axis" in node.meta:
+        return bool(node.meta["keeps_last_axis"])
+    if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+        perm = getattr(node.attrs.get("perm"), "value", node.attrs.get("perm"))
+        return perm is not None and list(perm)[-1] == len(perm) - 1
+    return False
+
+
 def _only_user(value: Value, node: Node, what: str) -> None:
     users = value.consumers()
     if users != [node] or value.is_graph_output:
@@ -114,9 +125,9 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             current = live[0]
             continue
         passes_through = node.kind in (OpKind.IDENTITY, OpKind.CAST) or (
-            node.kind is OpKind.LAYOUT and (factor.ndim == 0 or (
-                _is_reshape(node) and channel_from_end == -1 and live and live[0].shape and current.shape
-                and live[0].shape[-1] == current.shape[-1])))
+            node.kind is OpKind.LAYOUT and (factor.ndim == 0 or (channel_from_end == -1 and (
+                _keeps_last_axis(node) or (_is_reshape(node) and live and live[0].shape and current.shape
+                                           and live[0].shape[-1] == current.shape[-1])))))
         if passes_through and len(live) == 1:
             _only_user(live[0], node, "value")
             current = live[0]

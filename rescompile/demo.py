@@ -49,26 +49,31 @@ def run_demo(out_dir: Path, console) -> None:
     console.print(_summary(report))
 
     steps = [
-        ("identity", "round trip through the IR: must be bit-identical", 0.0),
-        ("rezero", "learned scalar gate on every branch, init 1: same function", 1e-5),
-        ("rezero:init=0,sites=depth:4-", "ReZero's init (alpha=0) on the last 4 sites: a different function", None),
+        (["identity"], "round trip through the IR: must be bit-identical", 0.0),
+        (["rezero"], "learned scalar gate on every branch, init 1: same function", 1e-5),
+        (["layerscale", "fold"], "per-channel gates, then folded into the branch weights: same function, "
+                                 "original node count", 1e-5),
+        (["hyper:n=4,dynamic=true"], "hyper-connections, 4 copies of the stream, dynamic: same function", 1e-5),
+        (["rezero:init=0,sites=depth:4-"], "ReZero's init (alpha=0) on the last 4 sites: a different function",
+         None),
     ]
-    for i, (spec, what, atol) in enumerate(steps, start=3):
-        console.rule(f"{i}. apply -p {spec}")
+    original_nodes = len(load(original))
+    for i, (specs, what, atol) in enumerate(steps, start=3):
+        console.rule(f"{i}. apply " + " ".join(f"-p {s}" for s in specs))
         console.print(what)
         graph = load(original)
-        passes = build_passes([spec])
-        result = PassManager(passes)(graph)
-        target = out_dir / f"tiny_transformer.{spec.split(':')[0]}{i}.onnx"
+        result = PassManager(build_passes(specs))(graph)
+        target = out_dir / f"tiny_transformer.{'+'.join(s.split(':')[0] for s in specs)}.onnx"
         save_onnx(graph, target, check=_check_onnx)
-        for stats in result.stats.values():
-            console.print(f"{spec}: {stats or 'no change'}; onnx.checker passed; wrote {target}")
+        for key, stats in result.stats.items():
+            console.print(f"{key.split(':', 1)[1]}: {stats or 'no change'}")
+        console.print(f"{len(graph)} nodes (original {original_nodes}); onnx.checker passed; wrote {target}")
         res = compare_onnx(original, target, atol=atol if atol is not None else 1e-5)
         _print_validation(console, res)
         if atol is not None and not res.ok:
-            raise SystemExit(f"demo: {spec} should preserve the function but does not")
+            raise SystemExit(f"demo: {specs} should preserve the function but does not")
         if atol is None and res.ok:
-            raise SystemExit(f"demo: {spec} should change the function but does not")
+            raise SystemExit(f"demo: {specs} should change the function but does not")
         if atol == 0.0:
             console.print("bit-identical: " + ("yes" if res.max_abs == 0.0 else "NO"))
     console.rule("done")

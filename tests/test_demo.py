@@ -8,6 +8,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 residual sites (8 identity, 0 projection) in 1 streams" in out
     assert "bit-identical: yes" in out
-    assert "validate: outputs within atol=1e-05" in out
+    assert out.count("validate: outputs within atol=1e-05") == 3  # rezero, layerscale+fold, hyper
+    assert "fold: {'folded': 8}" in out
     assert "validate: outputs NOT within" in out  # rezero init=0 changes the function
     assert (tmp_path / "tiny_transformer.onnx").exists()

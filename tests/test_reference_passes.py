@@ -190,3 +190,20 @@ def test_deepnorm_constants_match_torchscale():
     assert deepnorm_alpha("decoder", 0, 6, "decoder") == pytest.approx((2 * 6) ** 0.25)
     assert deepnorm_alpha("encoder-decoder", 6, 6, "encoder") == pytest.approx(0.81 * (6 ** 4 * 6) ** (1 / 16))
     assert deepnorm_alpha("encoder-decoder", 6, 6, "decoder") == pytest.approx((3 * 6) ** 0.25)
+
+
+def test_fold_through_a_channel_keeping_transpose(tmp_path):
+    """nn.MultiheadAttention's branch ends in a transpose [T,B,d] -> [B,T,d]; a per-channel
+    factor still folds into out_proj, in both frontends, with a non-trivial factor."""
+    from rescompile.examples import TinyTransformer, example_inputs
+    torch.manual_seed(0)
+    model, x = TinyTransformer(layers=2).eval(), example_inputs()
+    unfolded = rescompile.apply(model, ["layerscale:init=0.5"], x)
+    folded = rescompile.apply(model, ["layerscale:init=0.5", "fold"], x)
+    assert not [k for k, _ in folded.named_parameters() if k.startswith("rescompile.")]
+    assert rescompile.validate(unfolded, folded, x, atol=1e-5).ok
+    assert not rescompile.validate(model, folded, x, atol=1e-3).ok
+    src = export_onnx(ModelCase("t", model, x, {}, sites=4), tmp_path / "src" / "t.onnx")
+    plain, proto = rescompile.apply(str(src), ["layerscale:init=0.5"]), rescompile.apply(str(src), ["layerscale:init=0.5", "fold"])
+    assert len(proto.graph.node) == len(onnx.load(str(src), load_external_data=False).graph.node)
+    assert rescompile.validate(plain, proto, atol=1e-5).ok

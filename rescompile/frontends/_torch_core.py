@@ -29,6 +29,11 @@ def rescompile_div(a, b):
 
 
 def rescompile_matmul(a, b):
+    # A small matrix applied to a batched tensor (hyper-connections' width and depth
+    # mixing): einsum folds the batch dims into one GEMM, while matmul broadcasts the
+    # matrix into a batched GEMM, about 2x slower forward+backward (measured on CPU).
+    if a.dim() == 2 and b.dim() > 2:
+        return torch.einsum("ij,...jk->...ik", a, b)
     return torch.matmul(a, b)
 
 

@@ -268,6 +268,24 @@ def _node_kind(n: fx.Node, gm: fx.GraphModule, kinds: dict[fx.Node, OpKind]) -> 
     return kind_of_torch_target(n.target)
 
 
+def _keeps_last_axis(n: fx.Node) -> bool | None:
+    """For transpose/permute calls: whether the last axis stays last (None: not one)."""
+    from rescompile.frontends._torch_kinds import base_name
+    name = base_name(n.target)
+    val = n.meta.get("val")
+    rank = val.dim() if isinstance(val, torch.Tensor) else None
+    if rank is None or name not in ("transpose", "permute", "t"):
+        return None
+    if name == "t":
+        return rank < 2
+    if name == "transpose" and len(n.args) >= 3:
+        dims = {int(d) % rank for d in n.args[1:3] if isinstance(d, int)}
+        return len(dims) == 2 and rank - 1 not in dims
+    if name == "permute" and len(n.args) >= 2 and isinstance(n.args[1], (list, tuple)):
+        return int(n.args[1][-1]) % rank == rank - 1
+    return None
+
+
 def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_name: str = "",
                         training: bool = False) -> Graph:
     """Convert a GraphModule (from torch.export's `ep.module()` or torch.fx) into the IR."""
@@ -331,6 +349,9 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                 getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
             node = Node(op_type, inputs, domain="torch", attrs=attrs, kind=kinds[n], name=n.name,
                         output_names=[n.name])
+            keeps = _keeps_last_axis(n)
+            if keeps is not None:
+                node.meta["keeps_last_axis"] = keeps
             if n.op == "call_function" and not n.kwargs:
                 slots = torch_param_slots(n.target, n.args, lambda a: isinstance(a, fx.Node))
                 if slots is not None:

@@ -5,7 +5,7 @@ package around the same Hugging Face submodules. Each variant runs in its own
 process. The package always computes its dynamic terms, so it is compared with
 our dynamic=true.
 
-Usage: python tools/bench/hyper.py [--steps N]
+Usage: python tools/bench/hyper.py [--steps N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -96,15 +96,19 @@ print(json.dumps({"time": statistics.median(times), "peak_mb": peak,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    results = {}
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, "-c", WORKER, variant, str(args.steps), str(ROOT)],
-                             capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(variant, results[variant], flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):  # alternate the order so slow drifts of the machine cancel
+        for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            out = subprocess.run([sys.executable, "-c", WORKER, variant, str(args.steps), str(ROOT)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(variant, runs[variant][-1], flush=True)
+    results = {v: {"time": sum(x["time"] for x in rs) / len(rs), "peak_mb": sum(x["peak_mb"] for x in rs) / len(rs),
+                   "params": rs[0]["params"]} for v, rs in runs.items()}
     base = results["original"]
     rows = [f"| {v} | {r['time'] * 1e3:.0f} ms | {r['time'] / base['time']:.2f}x | {r['peak_mb']:.0f} MB | "
             f"{r['peak_mb'] / base['peak_mb']:.2f}x | {r['params'] - base['params']:+,} |" for v, r in results.items()]
@@ -114,10 +118,11 @@ def main() -> None:
                 f"peak memory {results[a]['peak_mb'] / results[b]['peak_mb']:.2f}x" for a, b in pairs]
     write_result("hyper", f"""## Hyper- and frac-connections: training step cost
 
-Command: `python tools/bench/hyper.py --steps {args.steps}`
+Command: `python tools/bench/hyper.py --steps {args.steps} --rounds {args.rounds}`
 Machine: {machine()}.
 GPT-2 (12 layers, n_embd 768, batch 1, seq 128), forward + backward of a mean-square
-loss, median of {args.steps} steps after one warm-up, each variant in its own process;
+loss, median of {args.steps} steps after one warm-up, each variant in its own process,
+{args.rounds} rounds in alternating order (figures are the mean over rounds);
 peak memory is the growth of peak RSS during the steps (activations and gradients).
 `ours` = `rescompile.apply(model, [spec], inputs, dynamic=False)` on the Hugging Face
 model; `package` = the same model written by hand with `hyper_connections` (which
