@@ -7,6 +7,9 @@ site k on the stream, with branch T_k (its pre-norm included), becomes
     h_in  = A_m^T H          width connection: the branch reads a mix of the copies
     H_new = B^T T_k(h_in) + A_r^T H    depth connection
 
+computed as one MatMul [A_m | A_r]^T H split into its rows (the parameter
+`static_alpha` has the package's layout [n, 1 + n]).
+
 static: A_m (n x 1) one-hot on k mod n, A_r = I_n, B = 1 (the authors' init).
 dynamic=true adds input-dependent terms as in the paper's Algorithm 2 (and the
 `hyper-connections` package): with Hn = RMSNorm(H) per copy (gain 1 + g, g = 0),
@@ -159,6 +162,10 @@ class HyperConnectionsPass(PassBase):
             merged = builder.op("MatMul", [w, h], dtype=dtype, shape=lead + (1, width), name="reduce")
             return back(merge(merged, builder), builder)
 
+        row_axis = b.const("row_axis", [-2], trainable=False, dtype="int64")
+        row_slices = [b.const(f"row_{i}", [v], trainable=False, dtype="int64")
+                      for i, v in enumerate((0, split_rows, split_rows + rows))]
+
         # Expand: H0 = `rows` copies of the stream input, or its `rows` fractions.
         h = split(last(x0, b), b)
         if copies:
@@ -169,10 +176,15 @@ class HyperConnectionsPass(PassBase):
         for k, site in enumerate(stream.sites):
             # Width ops go right after H is made (before the branch starts), depth ops before the add.
             sb = _Builder(graph, f"{self.name}/{site.name}", h.producer)
-            a_w, a_r, beta = self._connections(sb, h, k, rows, split_rows, width, dtype, h_shape, swap_last_two)
-            h_in = sb.op("MatMul", [a_w, h], dtype=dtype, shape=lead + (split_rows, width), name="width")
+            alpha_t, beta = self._connections(sb, h, k, rows, split_rows, width, dtype, h_shape, swap_last_two)
+            # One MatMul builds the branch input rows and the mixed rows together, as the
+            # package's single einsum does; two slices split them.
+            mixed = sb.op("MatMul", [alpha_t, h], dtype=dtype, shape=lead + (split_rows + rows, width), name="mix")
+            h_in = sb.op("Slice", [mixed, row_slices[0], row_slices[1], row_axis], dtype=dtype,
+                         shape=lead + (split_rows, width), name="width")
+            h_mixed = sb.op("Slice", [mixed, row_slices[1], row_slices[2], row_axis], dtype=dtype,
+                            shape=h_shape, name="rows")
             branch_input = back(merge(h_in, sb), sb)
-            h_mixed = sb.op("MatMul", [a_r, h], dtype=dtype, shape=h_shape, name="mix")
             # The branch reads h_in wherever it read the stream value.
             inside = set(site.nodes)
             for usage in site.fork.uses():
@@ -190,20 +202,22 @@ class HyperConnectionsPass(PassBase):
 
     def _connections(self, b: _Builder, h: Value, k: int, rows: int, read_rows: int, width: int, dtype: str,
                      h_shape, swap_last_two):
-        """(A_w^T, A_r^T, B) as values broadcasting against H = [..., rows, width].
+        """(alpha^T, B): alpha^T ([read_rows + rows, rows], per position when dynamic)
+        multiplies H = [..., rows, width]; B ([rows, 1]) weights the branch output.
 
-        A_w^T ([read_rows, rows]) builds the branch input from the rows: one-hot on
-        k mod n for copies (the authors' init), the identity for fractions."""
+        `static_alpha` is laid out as the package's: [rows, read_rows + rows] =
+        [A_w | A_r], row s = source row. A_w is one-hot on k mod n for copies (the
+        authors' init) and the identity for fractions; A_r is the identity; B = 1."""
         if self.layout == "copies":
-            a_w_init = np.zeros((1, rows))
-            a_w_init[0, k % rows] = 1.0
+            a_w = np.zeros((rows, 1))
+            a_w[k % rows, 0] = 1.0
         else:
-            a_w_init = np.eye(rows)
-        a_w = b.const("static_alpha_m", a_w_init, trainable=True, dtype=dtype)
-        a_r = b.const("static_alpha_r", np.eye(rows), trainable=True, dtype=dtype)
+            a_w = np.eye(rows)
+        cols = read_rows + rows
+        static = b.const("static_alpha", np.concatenate([a_w, np.eye(rows)], axis=1), trainable=True, dtype=dtype)
         beta = b.const("static_beta", np.ones((rows, 1)), trainable=True, dtype=dtype)
         if not self.options.dynamic:
-            return a_w, a_r, beta
+            return swap_last_two(static, (rows, cols), b), beta
         lead = h_shape[:-2]
         # Hn = x / max(||x||, 1e-12) * sqrt(width) * (1 + g) per row: the package's RMSNorm.
         sq = b.op("Mul", [h, h], dtype=dtype, shape=h_shape)
@@ -218,23 +232,18 @@ class HyperConnectionsPass(PassBase):
                     shape=(width,))
         hn = b.op("Div", [h, norm], dtype=dtype, shape=h_shape)
         hn = b.op("Mul", [hn, gain], dtype=dtype, shape=h_shape, name="normed")
-        s_alpha = b.const("dynamic_alpha_scale", 1e-2, trainable=True, dtype=dtype)
-        s_beta = b.const("dynamic_beta_scale", 1e-2, trainable=True, dtype=dtype)
 
-        def dynamic(weight_name, cols, scale, static, static_shape):
-            w = b.const(weight_name, np.zeros((width, cols)), trainable=True, dtype=dtype)
-            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (rows, cols))
-            z = b.op("Tanh", [z], dtype=dtype, shape=lead + (rows, cols))
-            z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (rows, cols))
-            return b.op("Add", [z, static], dtype=dtype, shape=lead + static_shape)
+        def dynamic(weight_name, scale_name, n_cols, static_value):
+            w = b.const(weight_name, np.zeros((width, n_cols)), trainable=True, dtype=dtype)
+            scale = b.const(scale_name, 1e-2, trainable=True, dtype=dtype)
+            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (rows, n_cols))
+            z = b.op("Tanh", [z], dtype=dtype, shape=lead + (rows, n_cols))
+            z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (rows, n_cols))
+            return b.op("Add", [z, static_value], dtype=dtype, shape=lead + (rows, n_cols))
 
-        # Per row i: alpha_w[i, :], alpha_r[i, :], beta[i]; transposed to mix the rows with MatMul.
-        aw_dyn = dynamic("dynamic_alpha_m", read_rows, s_alpha, swap_last_two(a_w, (read_rows, rows), b),
-                         (rows, read_rows))
-        ar_dyn = dynamic("dynamic_alpha_r", rows, s_alpha, swap_last_two(a_r, (rows, rows), b), (rows, rows))
-        beta_dyn = dynamic("dynamic_beta", 1, s_beta, beta, (rows, 1))
-        return (swap_last_two(aw_dyn, lead + (rows, read_rows), b), swap_last_two(ar_dyn, lead + (rows, rows), b),
-                beta_dyn)
+        alpha = dynamic("dynamic_alpha", "dynamic_alpha_scale", cols, static)   # [..., rows, cols]
+        beta = dynamic("dynamic_beta", "dynamic_beta_scale", 1, beta)          # [..., rows, 1]
+        return swap_last_two(alpha, lead + (rows, cols), b), beta
 
     @staticmethod
     def _redirect_outside(graph, value, following: ResidualSite | None, h, reduce, b, tag) -> None:

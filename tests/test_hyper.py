@@ -125,26 +125,24 @@ def _perturb(module: nn.Module, dynamic: bool):
 def _copy_into_ours(ours: nn.Module, package: WithPackage, dynamic: bool):
     """Map the package's parametrisation onto ours, site by site (site k = layer_index k).
 
-    package static_alpha [n, 1 + n] = [A_m | A_r], rows = source stream s
-      ours static_alpha_m = A_m^T ([1, n]); ours static_alpha_r = A_r^T ([n, n], it multiplies H)
-    package static_beta [n]           -> ours static_beta [n, 1]
-    package dynamic_alpha_fn [d, 1+n] -> ours dynamic_alpha_m = [:, :1], dynamic_alpha_r = [:, 1:]
-    package dynamic_beta_fn [d]       -> ours dynamic_beta [d, 1]
-    package norm.gamma, *_scale       -> ours norm_gain, dynamic_*_scale
+    Ours uses the package's layouts except for vectors made [.., 1] columns:
+      static_alpha [n, 1 + n] = [A_m | A_r] (row s = source stream)  -> ours static_alpha, as is
+      static_beta [n]                                                 -> ours static_beta [n, 1]
+      dynamic_alpha_fn [d, 1 + n]                                     -> ours dynamic_alpha, as is
+      dynamic_beta_fn [d]                                             -> ours dynamic_beta [d, 1]
+      norm.gamma, dynamic_*_scale                                     -> ours norm_gain, dynamic_*_scale
     """
     params = dict(ours.named_parameters())
     sites = sorted({k.split(".")[2] for k in params if k.startswith("rescompile.hyper.") and
-                    k.endswith("static_alpha_m")}, key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
+                    k.endswith("static_alpha")}, key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
     assert len(sites) == LAYERS
     with torch.no_grad():
         for site, hc in zip(sites, package.hcs):
             p = lambda role: params[f"rescompile.hyper.{site}.{role}"]  # noqa: E731
-            p("static_alpha_m").copy_(hc.static_alpha[:, :1].T)
-            p("static_alpha_r").copy_(hc.static_alpha[:, 1:].T)
+            p("static_alpha").copy_(hc.static_alpha)
             p("static_beta").copy_(hc.static_beta[:, None])
             if dynamic:
-                p("dynamic_alpha_m").copy_(hc.dynamic_alpha_fn[:, :1])
-                p("dynamic_alpha_r").copy_(hc.dynamic_alpha_fn[:, 1:])
+                p("dynamic_alpha").copy_(hc.dynamic_alpha_fn)
                 p("dynamic_beta").copy_(hc.dynamic_beta_fn[:, None])
                 p("norm_gain").copy_(hc.norm.gamma)
                 p("dynamic_alpha_scale").copy_(hc.dynamic_alpha_scale)
@@ -197,12 +195,12 @@ def test_frac_matches_hand_written_formula():
     torch.manual_seed(1)
     with torch.no_grad():
         for site in sites:
-            for role in ("static_alpha_m", "static_alpha_r", "static_beta"):
+            for role in ("static_alpha", "static_beta"):
                 params[f"rescompile.frac.{site}.{role}"].add_(0.3 * torch.randn(params[f"rescompile.frac.{site}.{role}"].shape))
         h = x.reshape(2, 5, m, 16 // m)
         for site, norm, fc1, fc2 in zip(sites, base.norms, base.fc1, base.fc2):
-            gamma_t = params[f"rescompile.frac.{site}.static_alpha_m"]   # Gamma^T
-            a_t = params[f"rescompile.frac.{site}.static_alpha_r"]       # A^T
+            alpha = params[f"rescompile.frac.{site}.static_alpha"]       # [Gamma | A], rows = source fraction
+            gamma_t, a_t = alpha[:, :m].T, alpha[:, m:].T
             beta = params[f"rescompile.frac.{site}.static_beta"]         # B, [m, 1]
             h_in = (gamma_t @ h).reshape(2, 5, 16)
             t = fc2(torch.relu(fc1(norm(h_in))))

@@ -57,6 +57,15 @@ def rescompile_max(a, b):
     return torch.maximum(a, b)
 
 
+def rescompile_slice(x, starts, ends, axes=None, steps=None):
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
 def rescompile_identity(x):
     return x
 
@@ -89,7 +98,7 @@ def rescompile_reduce_sum(x, axes=None, keepdims=1):
 CORE_OPS = {
     "Add": rescompile_add, "Sub": rescompile_sub, "Mul": rescompile_mul, "Div": rescompile_div,
     "MatMul": rescompile_matmul, "Sigmoid": rescompile_sigmoid, "Tanh": rescompile_tanh,
-    "Relu": rescompile_relu, "Sqrt": rescompile_sqrt, "Max": rescompile_max, "Identity": rescompile_identity, "Concat": rescompile_concat,
+    "Relu": rescompile_relu, "Sqrt": rescompile_sqrt, "Max": rescompile_max, "Slice": rescompile_slice, "Identity": rescompile_identity, "Concat": rescompile_concat,
     "Transpose": rescompile_transpose, "Reshape": rescompile_reshape,
     "ReduceMean": rescompile_reduce_mean, "ReduceSum": rescompile_reduce_sum,
 }
