@@ -2,7 +2,7 @@
 
 Each benchmark writes tools/bench/results/<name>.md with the command that
 produced it; this script runs them in order and concatenates the results.
-Usage: python tools/bench/run.py [--only runtime,compile,scaling,torchpath]
+Usage: python tools/bench/run.py [--only compile,scaling,torchpath,runtime,hyper | none]
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default=",".join(ORDER))
     args = parser.parse_args()
-    for name in args.only.split(","):
+    for name in [n for n in args.only.split(",") if n and n != "none"]:
         start = time.perf_counter()
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, str(HERE / f"{name}.py")], check=True, cwd=ROOT)
         print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    assemble()
+
+
+def assemble() -> None:
+    """Rewrite BENCHMARKS.md from the result files (`--only none` does just this)."""
     sections = [(HERE / "results" / f"{n}.md").read_text() for n in ORDER if (HERE / "results" / f"{n}.md").exists()]
     (ROOT / "BENCHMARKS.md").write_text(HEADER + "\n" + "\n".join(sections))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
