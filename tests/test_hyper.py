@@ -101,8 +101,8 @@ class WithPackage(nn.Module):
 
     def forward(self, x):
         b = x.shape[0]
-        h = x.repeat_interleave(N, dim=0) if False else x.unsqueeze(1).expand(b, N, *x.shape[1:]).reshape(
-            b * N, *x.shape[1:])  # the package's expand: 'b ... -> (b s) ...'
+        # The package's expand: 'b ... -> (b s) ...' (each sample's streams adjacent in the batch).
+        h = x.unsqueeze(1).expand(b, N, *x.shape[1:]).reshape(b * N, *x.shape[1:])
         for hc in self.hcs:
             h = hc(h)
         h = h.reshape(b, N, *x.shape[1:]).sum(1)  # the package's reduce: sum over streams

@@ -301,7 +301,7 @@ def _unscaled(facts: _Facts, value: Value) -> Value:
         live = facts.live_inputs(node)
         if len(live) != 1 or len([v for v in node.inputs if v is not None]) > 2:
             return value
-        if node.kind in (OpKind.MUL, OpKind.DIV) and node.inputs[0] is not live[0] and node.kind is OpKind.DIV:
+        if node.kind is OpKind.DIV and node.inputs[0] is not live[0]:
             return value  # c / x is not a scaling of x
         value = live[0]
     return value
