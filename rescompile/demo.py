@@ -63,7 +63,7 @@ def run_demo(out_dir: Path, console) -> None:
         console.print(what)
         graph = load(original)
         result = PassManager(build_passes(specs))(graph)
-        target = out_dir / f"tiny_transformer.{'+'.join(s.split(':')[0] for s in specs)}.onnx"
+        target = out_dir / f"tiny_transformer.{i}-{'+'.join(s.split(':')[0] for s in specs)}.onnx"
         save_onnx(graph, target, check=_check_onnx)
         for key, stats in result.stats.items():
             console.print(f"{key.split(':', 1)[1]}: {stats or 'no change'}")
