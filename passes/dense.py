@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from rescompile.analysis.residuals import ResidualStream
-from rescompile.infra import PassBase, PassError, PassResult
+from rescompile.infra import PassBase, PassError, PassResult, select_streams, streams_option
 from rescompile.ir import Graph, Node, Value
 
 from ._streams import require_pure_stream
@@ -36,18 +36,15 @@ class DenseFormerPass(PassBase):
         period: int = dataclasses.field(default=1, metadata={"help": "average after every p-th block"})
         block_size: int = dataclasses.field(default=0, metadata={
             "help": "residual sites per block (0: 2 for token streams, 1 otherwise)"})
-        streams: str = dataclasses.field(default="all", metadata={"help": "which streams: all or N|M"})
+        streams: str = streams_option()
 
     def check_options(self) -> None:
         if self.options.dilation < 1 or self.options.period < 1 or self.options.block_size < 0:
             raise PassError("dense: dilation and period must be >= 1, block_size >= 0")
-        if self.options.streams != "all" and not all(s.isdigit() for s in self.options.streams.split("|")):
-            raise PassError(f"dense: streams must be all or N|M, not {self.options.streams!r}")
 
     def call(self, graph: Graph) -> PassResult:
         analysis = self.residuals(graph)
-        wanted = None if self.options.streams == "all" else {int(s) for s in self.options.streams.split("|")}
-        streams = [s for s in analysis.streams if wanted is None or s.index in wanted]
+        streams = select_streams(self.name, analysis, self.options.streams)
         for stream in streams:
             require_pure_stream(self.name, stream)
         averages = sum(self._rewrite(graph, stream) for stream in streams)

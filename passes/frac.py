@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from rescompile.analysis.residuals import ResidualStream
-from rescompile.infra import PassError
+from rescompile.infra import PassError, streams_option
 
 from ._branch import channel_count
 from .hyper import HyperConnectionsPass
@@ -36,13 +36,11 @@ class FracConnectionsPass(HyperConnectionsPass):
     class Options:
         m: int = dataclasses.field(default=4, metadata={"help": "number of fractions of the width"})
         dynamic: bool = dataclasses.field(default=False, metadata={"help": "add input-dependent connections"})
-        streams: str = dataclasses.field(default="all", metadata={"help": "which streams: all or N|M"})
+        streams: str = streams_option()
 
     def check_options(self) -> None:
         if self.options.m < 1:
             raise PassError("frac: m must be >= 1")
-        if self.options.streams != "all" and not all(s.isdigit() for s in self.options.streams.split("|")):
-            raise PassError(f"frac: streams must be all or N|M, not {self.options.streams!r}")
 
     @property
     def preserves_function(self) -> bool:

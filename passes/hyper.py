@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 
 from rescompile.analysis.residuals import ResidualSite, ResidualStream
-from rescompile.infra import PassBase, PassError, PassResult
+from rescompile.infra import PassBase, PassError, PassResult, select_streams, streams_option
 from rescompile.ir import Graph, Node, Value
 
 from ._branch import channel_axis, channel_count
@@ -78,13 +78,11 @@ class HyperConnectionsPass(PassBase):
         dynamic: bool = dataclasses.field(default=False, metadata={"help": "add input-dependent connections"})
         reduce: str = dataclasses.field(default="mean", metadata={
             "choices": ("mean", "sum"), "help": "how the copies are merged at the stream's end"})
-        streams: str = dataclasses.field(default="all", metadata={"help": "which streams: all or N|M"})
+        streams: str = streams_option()
 
     def check_options(self) -> None:
         if self.options.n < 1:
             raise PassError("hyper: n must be >= 1")
-        if self.options.streams != "all" and not all(s.isdigit() for s in self.options.streams.split("|")):
-            raise PassError(f"hyper: streams must be all or N|M, not {self.options.streams!r}")
 
     @property
     def preserves_function(self) -> bool:
@@ -92,8 +90,7 @@ class HyperConnectionsPass(PassBase):
 
     def call(self, graph: Graph) -> PassResult:
         analysis = self.residuals(graph)
-        wanted = None if self.options.streams == "all" else {int(s) for s in self.options.streams.split("|")}
-        streams = [s for s in analysis.streams if wanted is None or s.index in wanted]
+        streams = select_streams(self.name, analysis, self.options.streams)
         for stream in streams:
             self._check(stream)
         for stream in streams:

@@ -22,7 +22,7 @@ from rescompile.errors import RescompileError
 from rescompile.ir import Graph, verify
 
 __all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
-           "option_table", "sites_option"]
+           "option_table", "sites_option", "streams_option", "select_streams"]
 
 logger = logging.getLogger("rescompile")
 
@@ -95,6 +95,29 @@ def sites_option() -> Any:
         "help": "which sites: all, stream:N, depth:A-B, name:GLOB, kind:K (join with ';')"})
 
 
+def streams_option() -> Any:
+    """The `streams` option of stream-level passes (hyper, frac, dense)."""
+    return dataclasses.field(default="all", metadata={"help": "which streams: all or N|M"})
+
+
+def select_streams(pass_name: str, analysis: ResidualAnalysis, spec: str) -> list:
+    """The streams named by a `streams` option value ("all" or "0|2").
+
+    Raises:
+        PassError: for a malformed value.
+    """
+    _check_streams_spec(pass_name, spec)
+    if spec == "all":
+        return list(analysis.streams)
+    wanted = {int(s) for s in spec.split("|")}
+    return [s for s in analysis.streams if s.index in wanted]
+
+
+def _check_streams_spec(pass_name: str, spec: str) -> None:
+    if spec != "all" and not all(s.strip().isdigit() for s in spec.split("|")):
+        raise PassError(f"{pass_name}: streams must be all or N|M, not {spec!r}")
+
+
 class PassBase:
     """Base class of all passes.
 
@@ -112,6 +135,14 @@ class PassBase:
             self.options = self.Options(**options)
         except TypeError as exc:
             raise PassError(f"{self.name}: {exc}") from exc
+        # Selectors are checked here, so a bad spec fails before a large model is loaded.
+        if hasattr(self.options, "sites"):
+            try:
+                SiteSelector(self.options.sites)
+            except RescompileError as exc:
+                raise PassError(f"{self.name}: {exc}") from exc
+        if hasattr(self.options, "streams"):
+            _check_streams_spec(self.name, self.options.streams)
         self.check_options()
 
     def check_options(self) -> None:

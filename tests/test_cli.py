@@ -116,3 +116,11 @@ def test_apply_compensated_depthscale_then_fold_keeps_function_and_size(onnx_mod
     assert "depthscale: sites=4" in text and "fold: folded=4" in text and "outputs within" in text
     assert len(_onnx.load(str(out), load_external_data=False).graph.node) == \
         len(_onnx.load(str(src), load_external_data=False).graph.node)
+
+
+def test_bad_selectors_fail_before_loading(capsys):
+    # The model path does not exist: the spec error must come first.
+    assert main(["apply", "missing.onnx", "-p", "hyper:streams=x", "-o", "o.onnx"]) == 2
+    assert "hyper: streams must be all or N|M, not 'x'" in capsys.readouterr().err
+    assert main(["apply", "missing.onnx", "-p", "gate:sites=stream:a", "-o", "o.onnx"]) == 2
+    assert "gate: bad stream list 'a'" in capsys.readouterr().err

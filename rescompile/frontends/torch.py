@@ -406,13 +406,19 @@ def _attr_path(name: str) -> list[str]:
     return [p + "_" if keyword.iskeyword(p) else p for p in parts]
 
 
-def _register(root: nn.Module, name: str, tensor: torch.Tensor, kind: str, persistent: bool) -> str:
-    parts = _attr_path(name)
+def _owner(root: nn.Module, parts: list[str]) -> nn.Module:
+    """The submodule that will hold attribute `parts[-1]`, creating empty ones on the way."""
     owner = root
     for part in parts[:-1]:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
+    return owner
+
+
+def _register(root: nn.Module, name: str, tensor: torch.Tensor, kind: str, persistent: bool) -> str:
+    parts = _attr_path(name)
+    owner = _owner(root, parts)
     leaf = parts[-1]
     if kind == "parameter":
         param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=True)
@@ -488,11 +494,7 @@ def _python_constant(value: Value) -> list[int]:
 
 def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:
     parts = _attr_path(target)
-    owner = root
-    for part in parts[:-1]:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
+    owner = _owner(root, parts)
     if not hasattr(owner, parts[-1]):
         owner.add_module(parts[-1], module)
     return ".".join(parts)
