@@ -29,15 +29,23 @@ def new_param(graph: Graph, pass_name: str, site: ResidualSite, role: str, array
     return graph.add_param(param_name(pass_name, site, role), array, dtype=dtype, trainable=trainable)
 
 
-def insert_op(graph: Graph, op_type: str, inputs: list[Value], *, before: Node, pass_name: str,
-              name: str, like: Value | None = None, attrs: dict | None = None) -> Value:
-    """Insert a core op before `before`; the output takes `like`'s dtype and shape."""
+_FRONT = object()
+
+
+def insert_op(graph: Graph, op_type: str, inputs: list[Value], *, pass_name: str, name: str,
+              before: Node | None = None, after: Node | None | object = _FRONT, like: Value | None = None,
+              attrs: dict | None = None, shape: tuple | None = None) -> Value:
+    """Insert a core op before `before` or after `after` (None: at the front); the output
+    takes `like`'s dtype and shape, or `shape` with the dtype of the first input."""
     node = Node(op_type, inputs, attrs=attrs, name=f"{pass_name}/{name}",
                 output_names=[f"{pass_name}/{name}"])
     node.meta["pass"] = pass_name
     if like is not None:
         node.output.dtype, node.output.shape = like.dtype, like.shape
-    graph.insert_before(before, node)
+    if before is not None:
+        graph.insert_before(before, node)
+    else:
+        graph.insert_after(None if after is _FRONT else after, node)
     return node.output
 
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from rescompile.analysis.residuals import ResidualStream
 from rescompile.infra import PassBase, PassError, PassResult, select_streams, streams_option
-from rescompile.ir import Graph, Node, Value
+from rescompile.ir import Graph, Value
 
+from ._branch import insert_op
 from ._streams import require_pure_stream
 
 __all__ = ["DenseFormerPass"]
@@ -75,10 +76,12 @@ class DenseFormerPass(PassBase):
                 alpha = graph.add_param(f"rescompile.dense.{stream.index}.block{i}.alpha{j}",
                                         np.asarray(1.0 if j == i + 1 else 0.0, dtype=raw.dtype or "float32"),
                                         dtype=raw.dtype or "float32")
-                term = self._insert(graph, "Mul", [outputs[j], alpha], cursor, f"block{i}/x{j}", raw)
+                term = insert_op(graph, "Mul", [outputs[j], alpha], after=cursor, pass_name=self.name,
+                                 name=f"block{i}/x{j}", like=raw)
                 cursor = term.producer
                 if total is not None:
-                    total = self._insert(graph, "Add", [total, term], cursor, f"block{i}/sum{j}", raw)
+                    total = insert_op(graph, "Add", [total, term], after=cursor, pass_name=self.name,
+                                      name=f"block{i}/sum{j}", like=raw)
                     cursor = total.producer
                 else:
                     total = term
@@ -88,10 +91,3 @@ class DenseFormerPass(PassBase):
                 graph.set_outputs([total if v is raw else v for v in graph.outputs])
             count += 1
         return count
-
-    def _insert(self, graph: Graph, op: str, inputs: list[Value], after: Node, label: str, like: Value) -> Value:
-        node = Node(op, inputs, name=f"dense/{label}", output_names=[f"dense/{label}"])
-        node.meta["pass"] = self.name
-        node.output.dtype, node.output.shape = like.dtype, like.shape
-        graph.insert_after(after, node)
-        return node.output

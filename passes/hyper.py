@@ -35,7 +35,7 @@ from rescompile.analysis.residuals import ResidualSite, ResidualStream
 from rescompile.infra import PassBase, PassError, PassResult, select_streams, streams_option
 from rescompile.ir import Graph, Node, Value
 
-from ._branch import channel_axis, channel_count
+from ._branch import channel_axis, channel_count, insert_op
 from ._streams import require_pure_stream
 
 __all__ = ["HyperConnectionsPass"]
@@ -51,13 +51,12 @@ class _Builder:
     def op(self, op_type: str, inputs: list[Value], *, dtype: str | None, shape: tuple | None,
            attrs: dict | None = None, name: str = "") -> Value:
         self.count += 1
-        label = f"{self.prefix}/{name or op_type.lower()}{self.count}"
-        node = Node(op_type, inputs, attrs=attrs, name=label, output_names=[label])
-        node.meta["pass"] = self.prefix.split("/", 1)[0]
-        node.output.dtype, node.output.shape = dtype, shape
-        self.graph.insert_after(self.cursor, node)
-        self.cursor = node
-        return node.output
+        pass_name, where = self.prefix.split("/", 1)
+        out = insert_op(self.graph, op_type, inputs, after=self.cursor, pass_name=pass_name,
+                        name=f"{where}/{name or op_type.lower()}{self.count}", attrs=attrs)
+        out.dtype, out.shape = dtype, shape
+        self.cursor = out.producer
+        return out
 
     def const(self, name: str, array, *, trainable: bool, dtype: str) -> Value:
         array = np.asarray(array, dtype=dtype)
@@ -168,7 +167,7 @@ class HyperConnectionsPass(PassBase):
         if copies:
             ones = b.const("expand", np.ones((rows, 1)), trainable=False, dtype=dtype)
             h = b.op("Mul", [h, ones], dtype=dtype, shape=h_shape, name="expand")
-        self._redirect_outside(graph, x0, stream.sites[0], h, reduce, b, "input")
+        self._redirect_outside(graph, x0, stream.sites[0], h, reduce, b, "input", self.name)
 
         for k, site in enumerate(stream.sites):
             # Width ops go right after H is made (before the branch starts), depth ops before the add.
@@ -192,7 +191,7 @@ class HyperConnectionsPass(PassBase):
             written = sb.op("Mul", [beta, out], dtype=dtype, shape=h_shape, name="depth")
             h_next = sb.op("Add", [h_mixed, written], dtype=dtype, shape=h_shape, name="update")
             following = stream.sites[k + 1] if k + 1 < len(stream.sites) else None
-            self._redirect_outside(graph, site.output, following, h_next, reduce, sb, f"d{k}")
+            self._redirect_outside(graph, site.output, following, h_next, reduce, sb, f"d{k}", self.name)
             h = h_next
         for site in reversed(stream.sites):
             graph.remove(site.add)
@@ -243,11 +242,11 @@ class HyperConnectionsPass(PassBase):
         return swap_last_two(alpha, lead + (rows, cols), b), beta
 
     @staticmethod
-    def _redirect_outside(graph, value, following: ResidualSite | None, h, reduce, b, tag) -> None:
+    def _redirect_outside(graph, value, following: ResidualSite | None, h, reduce, b, tag, pass_name) -> None:
         """Readers of a stream value other than the stream itself (the next site's add and
         branch) read the reduced copies instead."""
         keep = set(following.nodes) | {following.add} if following is not None else set()
-        outside = [u for u in value.uses() if u.node not in keep and u.node.meta.get("pass") not in ("hyper", "frac")]
+        outside = [u for u in value.uses() if u.node not in keep and u.node.meta.get("pass") != pass_name]
         is_output = value.is_graph_output
         if not outside and not is_output:
             return

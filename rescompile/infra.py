@@ -13,7 +13,6 @@ import dataclasses
 import fnmatch
 import logging
 import time
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -209,12 +208,13 @@ class PassManager:
 
 
 # ----- option specs --------------------------------------------------------------------
+_OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # option annotations as strings
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 def _convert(pass_name: str, field: dataclasses.Field, text: str) -> Any:
-    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
+    hint = _OPTION_TYPES.get(field.type, field.type) if isinstance(field.type, str) else field.type
     choices = field.metadata.get("choices")
     try:
         if hint is bool:

@@ -39,3 +39,31 @@ def model_copy(onnx_model, tmp_path):
             shutil.copy(f, tmp_path / f.name)
         return tmp_path / src.name
     return get
+
+
+@pytest.fixture
+def assert_preserves(onnx_model, tmp_path):
+    """assert_preserves(name, spec): the pass keeps the function of test model `name`
+    in both frontends (ONNX Runtime vs the original export; torch vs the original module)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    import rescompile
+    from rescompile.api import build_passes, run_passes
+    from rescompile.frontends.onnx import load_onnx, save_onnx
+    from rescompile.validation import compare_onnx
+    from tools.models import build
+
+    def check(name: str, spec: str) -> None:
+        src = onnx_model(name)
+        graph = load_onnx(src)
+        run_passes(graph, build_passes([spec]))
+        save_onnx(graph, tmp_path / "preserved.onnx")
+        assert compare_onnx(str(src), str(tmp_path / "preserved.onnx"), atol=1e-5).ok
+        case = build(name)
+        module = rescompile.apply(case.module, [spec], case.args, example_kwargs=case.kwargs)
+        with torch.no_grad():
+            want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
+            got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
+        assert torch.allclose(got, want, atol=1e-5)
+    return check

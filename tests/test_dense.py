@@ -4,29 +4,17 @@ hand-written running mean; dilation and period pick the documented terms."""
 import numpy as np
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import rescompile
 from rescompile.api import build_passes, run_passes
 from rescompile.frontends.onnx import load_onnx, save_onnx
-from rescompile.validation import compare_onnx
 from tools.models import ResidualMLP, build
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "vit", "preact_cnn"])
 @pytest.mark.parametrize("spec", ["dense", "dense:dilation=2", "dense:period=2,block_size=1"])
-def test_preserves_function_both_frontends(onnx_model, tmp_path, name, spec):
-    src = onnx_model(name)
-    graph = load_onnx(src)
-    run_passes(graph, build_passes([spec]))
-    save_onnx(graph, tmp_path / "d.onnx")
-    assert compare_onnx(str(src), str(tmp_path / "d.onnx"), atol=1e-5).ok
-    case = build(name)
-    module = rescompile.apply(case.module, [spec], case.args, example_kwargs=case.kwargs)
-    with torch.no_grad():
-        want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
-        got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
-    assert torch.allclose(got, want, atol=1e-5)
+def test_preserves_function_both_frontends(assert_preserves, name, spec):
+    assert_preserves(name, spec)
 
 
 def alphas(module):

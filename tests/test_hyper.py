@@ -168,18 +168,8 @@ def test_matches_the_hyper_connections_package(dynamic):
 
 @pytest.mark.parametrize("name", ["gpt2", "preact_cnn", "residual_mlp"])
 @pytest.mark.parametrize("spec", ["frac:m=1", "frac", "frac:m=2,dynamic=true"])
-def test_frac_preserves_function(onnx_model, tmp_path, name, spec):
-    src = onnx_model(name)
-    graph = load_onnx(src)
-    run_passes(graph, build_passes([spec]))
-    save_onnx(graph, tmp_path / "f.onnx")
-    assert compare_onnx(str(src), str(tmp_path / "f.onnx"), atol=1e-5).ok
-    case = build(name)
-    module = rescompile.apply(case.module, [spec], case.args, example_kwargs=case.kwargs)
-    with torch.no_grad():
-        want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
-        got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
-    assert torch.allclose(got, want, atol=1e-5)
+def test_frac_preserves_function(assert_preserves, name, spec):
+    assert_preserves(name, spec)
 
 
 def test_frac_matches_hand_written_formula():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import logging
 import operator
@@ -93,8 +94,6 @@ def _quiet():
 def _auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     """Every dim of every tensor input marked Dim.AUTO (torch.export keeps a dim
     dynamic where the model allows it), keyed by forward()'s parameter names."""
-    import inspect
-
     from torch.utils import _pytree as pytree
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -444,7 +443,7 @@ def export_module(graph: Graph) -> fx.GraphModule:
     fxg = fx.Graph()
     env: dict[Value, fx.Node] = {}
     for value, name in zip(graph.inputs, source.placeholders):
-        default = value.meta.get("torch.default", inspect_empty)
+        default = value.meta.get("torch.default", inspect.Parameter.empty)
         env[value] = fxg.placeholder(name, default_value=default)
     for value in graph.initializers.values():
         kind = value.meta.get("torch.kind") or ("parameter" if value.role == PARAM else "buffer")
@@ -499,8 +498,6 @@ def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:
         owner.add_module(parts[-1], module)
     return ".".join(parts)
 
-
-inspect_empty = __import__("inspect").Parameter.empty
 
 
 # ----- files and comparison -----------------------------------------------------------------
