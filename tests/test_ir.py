@@ -77,6 +77,17 @@ def test_insert_before_keeps_order_and_iteration_is_mutation_safe():
     verify(g)
 
 
+def test_a_removed_node_can_be_moved_and_gets_its_uses_back():
+    g, x, w, mm, add = small_graph()
+    neg = g.append(Node("Neg", [x], name="neg"))
+    g.remove(neg)
+    assert Usage(neg, 0) not in x.uses()
+    g.insert_after(None, neg)
+    assert [n.name for n in g] == ["neg", "mm", "add"]
+    assert Usage(neg, 0) in x.uses()
+    verify(g)
+
+
 def test_verify_catches_use_before_definition():
     g, x, w, mm, add = small_graph()
     late = Node("Neg", [x], name="late")

@@ -8,23 +8,26 @@ payloads keep those tensor objects, so a rewrite touches only the bytes it
 changes.
 
 Import keeps everything needed for a lossless export in `graph.source`
-(`OnnxSource`) and in each node's `attrs` (the onnx-ir attribute objects).
+(`OnnxSource`), in each node's `attrs` (the onnx-ir attribute objects) and in
+`origin` (the onnx-ir node and value each IR object came from): export writes
+the IR's edits back into the loaded model (_onnx_export) instead of building
+a second one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import onnx_ir as ir
 
 from rescompile._gc import paused_gc
 from rescompile.errors import RescompileError
+from rescompile.frontends._onnx_common import OnnxSource, dtype_name, shape_tuple
+from rescompile.frontends._onnx_export import export_model
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
 
 __all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx",
@@ -38,71 +41,20 @@ MAX_OPSET = 25
 _EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-@dataclasses.dataclass
-class OnnxSource:
-    """Model-level ONNX facts the IR does not model, kept for export."""
-
-    ir_version: int
-    opset_imports: dict[str, int]
-    producer_name: str | None = None
-    producer_version: str | None = None
-    domain: str | None = None
-    model_version: int | None = None
-    doc_string: str | None = None
-    graph_doc_string: str | None = None
-    metadata_props: dict[str, str] = dataclasses.field(default_factory=dict)
-    graph_metadata_props: dict[str, str] = dataclasses.field(default_factory=dict)
-    functions: tuple = ()
-    external_data: bool = False
-    path: str | None = None
-
-
-_DTYPE_NAMES: dict[Any, str] = {}
-
-
-def _dtype_name(type_: Any) -> str | None:
-    dtype = getattr(type_, "dtype", None)
-    if dtype is None:
-        return None
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        try:
-            name = np.dtype(dtype.numpy()).name
-        except (TypeError, ValueError, AttributeError):
-            name = str(dtype).lower()
-        _DTYPE_NAMES[dtype] = name
-    return name
-
-
-def _shape_tuple(shape: ir.Shape | None) -> tuple | None:
-    if shape is None:
-        return None
-    dims = []
-    for d in shape:
-        if isinstance(d, int):
-            dims.append(d)
-        else:
-            name = getattr(d, "value", None)
-            # Shape inference names dims it cannot infer unk__N: unknown, not a shared symbol.
-            dims.append(None if name is None or name.startswith("unk__") else name)
-    return tuple(dims)
-
-
 def _copy_type(src: ir.Value, dst: Value) -> None:
-    dst.dtype = _dtype_name(src.type)
-    dst.shape = _shape_tuple(src.shape)
-    if src.type is not None:
-        dst.meta["onnx.type"] = src.type
-    if src.shape is not None:
-        # Reused on export while the IR shape is unchanged: rebuilding ir.Shape
-        # objects dominated export time on large graphs.
-        dst.meta["onnx.shape"] = (dst.shape, src.shape)
+    dst.dtype = dtype_name(src.type)
+    dst.shape = shape_tuple(src.shape)
+    # Export reuses (or updates) this onnx-ir value instead of building a new one.
+    dst.origin = (src, dst.shape)
 
 
-def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None]:
-    """Load a path, an onnx.ModelProto or an onnx_ir.Model; one-line errors for bad input."""
+def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None, bool]:
+    """Load a path, an onnx.ModelProto or an onnx_ir.Model; one-line errors for bad input.
+
+    Returns the model, its path if read from a file, and whether this module
+    owns it (may write the IR's edits back into it on export)."""
     if isinstance(source, ir.Model):
-        return source, None
+        return source, None, False
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -120,10 +72,10 @@ def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None]:
         if not model.opset_imports and len(model.graph) == 0:
             raise RescompileError(f"{path}: not a readable ONNX model (it parses to an empty model); "
                                   "is it of another format?")
-        return model, str(path)
+        return model, str(path), True
     if type(source).__name__ == "ModelProto":
         try:
-            return ir.serde.deserialize_model(source), None
+            return ir.serde.deserialize_model(source), None, True
         except Exception as exc:
             raise RescompileError(f"cannot read the ONNX ModelProto: {exc}") from exc
     raise RescompileError(f"cannot import {type(source).__name__}: expected a path or an ONNX model")
@@ -137,12 +89,17 @@ def load_onnx(source: str | os.PathLike | Any) -> Graph:
             feature the IR does not model (control-flow subgraphs).
     """
     with paused_gc():
-        model, path = _read(source)
-        return import_model(model, path=path)
+        model, path, owned = _read(source)
+        return import_model(model, path=path, owned=owned)
 
 
-def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
-    """Convert an onnx_ir.Model into a rescompile Graph."""
+def import_model(model: ir.Model, *, path: str | None = None, owned: bool = False) -> Graph:
+    """Convert an onnx_ir.Model into a rescompile Graph.
+
+    With `owned`, export writes the graph's edits back into `model` (see
+    _onnx_export) rather than building a second model; the caller must not
+    use `model` for anything else.
+    """
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is None:
         raise RescompileError("the model imports no ONNX standard opset")
@@ -195,6 +152,8 @@ def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
             node.meta["onnx.doc_string"] = n.doc_string
         if n.metadata_props:
             node.meta["onnx.metadata_props"] = dict(n.metadata_props)
+        if owned:
+            node.origin = n
         graph.append(node)
         for o, out in zip(n.outputs, node.outputs):
             _copy_type(o, out)
@@ -208,7 +167,7 @@ def import_model(model: ir.Model, *, path: str | None = None) -> Graph:
         domain=model.domain, model_version=model.model_version, doc_string=model.doc_string,
         graph_doc_string=src_graph.doc_string, metadata_props=dict(model.metadata_props),
         graph_metadata_props=dict(src_graph.metadata_props), functions=tuple(model.functions.values()),
-        external_data=external, path=path)
+        external_data=external, path=path, model=model if owned else None)
     return graph
 
 
@@ -225,88 +184,6 @@ def _infer_missing_shapes(model: ir.Model) -> None:
         return
     from onnx_ir.passes.common import ShapeInferencePass
     ShapeInferencePass(strict_mode=False)(model)
-
-
-def _ir_type(value: Value) -> Any:
-    kept = value.meta.get("onnx.type")
-    if kept is not None:
-        return kept
-    if value.dtype is None:
-        return None
-    return ir.TensorType(ir.DataType.from_numpy(np.dtype(value.dtype)))
-
-
-def _ir_shape(value: Value) -> ir.Shape | None:
-    if value.shape is None:
-        return None
-    kept = value.meta.get("onnx.shape")
-    if kept is not None and kept[0] == value.shape:
-        return kept[1]
-    return ir.Shape(list(value.shape))
-
-
-def _ir_tensor(value: Value) -> Any:
-    payload = value.payload
-    if not isinstance(payload, (np.ndarray, np.generic, int, float)) and hasattr(payload, "raw"):
-        return payload  # an onnx-ir tensor from the input model: written without a copy
-    array = np.asarray(payload)
-    if value.dtype is not None and array.dtype.name != value.dtype:
-        array = array.astype(value.dtype)
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-    return ir.Tensor(array, name=value.name)
-
-
-def _new_value(value: Value) -> ir.Value:
-    return ir.Value(name=value.name, shape=_ir_shape(value), type=_ir_type(value))
-
-
-def _ir_attributes(attrs: dict[str, Any]) -> list:
-    kept = [a for a in attrs.values() if isinstance(a, ir.Attr)]
-    fresh = {k: v for k, v in attrs.items() if not isinstance(v, ir.Attr)}
-    return kept + list(ir.convenience.convert_attributes(fresh))
-
-
-def export_model(graph: Graph, *, default_opset: int = 18) -> ir.Model:
-    """Build an onnx_ir.Model from the IR, restoring everything kept at import."""
-    source: OnnxSource = graph.source if isinstance(graph.source, OnnxSource) else OnnxSource(
-        ir_version=10, opset_imports={"": default_opset}, producer_name="rescompile")
-    vmap: dict[Value, ir.Value] = {}
-    inputs = []
-    for value in graph.inputs:
-        vmap[value] = _new_value(value)
-        inputs.append(vmap[value])
-    initializers = []
-    for value in graph.initializers.values():
-        v = _new_value(value)
-        v.const_value = _ir_tensor(value)
-        vmap[value] = v
-        initializers.append(v)
-    nodes = []
-    domains = dict(source.opset_imports)
-    for node in graph:
-        outputs = []
-        for out in node.outputs:
-            v = _new_value(out)
-            if out.meta.get("onnx.absent") and not out.uses() and not out.is_graph_output:
-                v.name = ""
-            vmap[out] = v
-            outputs.append(v)
-        if node.domain not in domains and node.domain != "ai.onnx":
-            domains[node.domain] = 1
-        nodes.append(ir.Node(
-            node.domain, node.op_type, [vmap[v] if v is not None else None for v in node.inputs],
-            _ir_attributes(node.attrs), outputs=outputs, name=node.name,
-            overload=node.meta.get("onnx.overload", ""), doc_string=node.meta.get("onnx.doc_string"),
-            metadata_props=node.meta.get("onnx.metadata_props")))
-    out_graph = ir.Graph(inputs, [vmap[v] for v in graph.outputs], nodes=nodes,
-                         initializers=initializers, opset_imports=domains, name=graph.name,
-                         doc_string=source.graph_doc_string,
-                         metadata_props=dict(source.graph_metadata_props))
-    return ir.Model(out_graph, ir_version=source.ir_version, producer_name=source.producer_name,
-                    producer_version=source.producer_version, domain=source.domain,
-                    model_version=source.model_version, doc_string=source.doc_string,
-                    functions=list(source.functions), metadata_props=dict(source.metadata_props))
 
 
 def _weight_bytes(graph: Graph) -> int:

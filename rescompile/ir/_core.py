@@ -40,10 +40,13 @@ class Value:
 
     Values compare by identity. `shape` is a tuple of int (static), str
     (symbolic) or None (unknown) per axis, or None when even the rank is unknown.
+    `origin` is the frontend's own record of where the value came from (opaque
+    to passes; a slot rather than a `meta` entry because large graphs have
+    hundreds of thousands of values).
     """
 
     __slots__ = ("name", "dtype", "shape", "payload", "role", "producer", "index",
-                 "graph", "meta", "_uses")
+                 "graph", "meta", "origin", "_uses")
 
     def __init__(self, name: str, *, dtype: str | None = None,
                  shape: tuple | None = None, payload: Any = None,
@@ -57,6 +60,7 @@ class Value:
         self.index: int | None = None
         self.graph: Graph | None = None
         self.meta: dict[str, Any] = {}
+        self.origin: Any = None
         self._uses: dict[Usage, None] = {}
 
     def __repr__(self) -> str:
@@ -115,7 +119,7 @@ class Node:
     """
 
     __slots__ = ("op_type", "domain", "kind", "attrs", "_inputs", "outputs", "name",
-                 "graph", "meta", "_prev", "_next")
+                 "graph", "meta", "origin", "_prev", "_next")
 
     def __init__(self, op_type: str, inputs: Sequence[Value | None], *, domain: str = "",
                  attrs: Mapping[str, Any] | None = None, num_outputs: int = 1,
@@ -129,6 +133,7 @@ class Node:
         self.name = name or op_type
         self.graph: Graph | None = None
         self.meta: dict[str, Any] = {}
+        self.origin: Any = None  # the frontend's record of where the node came from (see Value)
         self._prev: Node | None = None
         self._next: Node | None = None
         self._inputs: tuple[Value | None, ...] = tuple(inputs)
@@ -301,6 +306,10 @@ class Graph:
             if value is not None and value.graph is not self:
                 owner = "another graph" if value.graph is not None else "no graph"
                 raise IRError(f"{node.name!r}: input {value.name!r} belongs to {owner}")
+        # A node removed earlier (to move it) detached its inputs: attach them again.
+        for i, value in enumerate(node.inputs):
+            if value is not None:
+                value._uses[Usage(node, i)] = None
 
     def _link(self, node: Node, prev: Node | None, nxt: Node | None) -> None:
         node._prev, node._next = prev, nxt
@@ -365,6 +374,10 @@ class Graph:
         node._prev = node._next = None
         node.graph = None
         self._count -= 1
+        # Free the names so that a node moved by remove + insert keeps them.
+        self._node_names.discard(node.name)
+        for out in node.outputs:
+            self._value_names.discard(out.name)
 
     def remove_dead(self, *, initializers: bool = False) -> int:
         """Remove nodes none of whose outputs are used; returns how many were removed.

@@ -31,14 +31,38 @@ gc.disable()  # as the CLI does (rescompile._gc)
 base = rss_mb()
 out = {}
 t = time.perf_counter(); graph = load_onnx(sys.argv[1]); out["import"] = time.perf_counter() - t
-out["nodes"] = len(graph)
+out["nodes"] = len(graph); out["mb import"] = rss_mb() - base
 t = time.perf_counter(); analysis = find_residuals(graph); out["analysis"] = time.perf_counter() - t
-out["sites"] = len(analysis.sites)
+out["sites"] = len(analysis.sites); out["mb analysis"] = rss_mb() - base
 t = time.perf_counter(); run_passes(graph, build_passes(["rezero"]), check=False); out["pass rezero"] = time.perf_counter() - t
+out["mb pass"] = rss_mb() - base
 t = time.perf_counter(); save_onnx(graph, sys.argv[2]); out["export"] = time.perf_counter() - t
 out["peak_rss_mb"] = rss_mb() - base
 print(json.dumps(out))
 '''
+
+
+# The limit: the same file loaded and saved by each library alone, measured the same way.
+LIMIT = r'''
+import gc, json, resource, sys
+import onnx, onnx_ir
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+gc.disable()
+base = rss_mb()
+if sys.argv[3] == "onnx_ir":
+    onnx_ir.save(onnx_ir.load(sys.argv[1]), sys.argv[2])
+else:
+    onnx.save(onnx.load(sys.argv[1]), sys.argv[2])
+print(json.dumps(rss_mb() - base))
+'''
+
+
+def limit_peak_mb(library: str, path: Path, out: Path) -> float:
+    done = subprocess.run([sys.executable, "-c", LIMIT, str(path), str(out), library], check=True,
+                          capture_output=True, text=True)
+    out.unlink(missing_ok=True)
+    return float(done.stdout.strip())
 
 
 def graph_proto_mb(path: Path) -> float:
@@ -52,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", default="1000,10000,100000,300000")
     args = parser.parse_args()
-    rows, per_node = [], {}
+    rows, mem_rows, per_node = [], [], {}
     for n in (int(x) for x in args.nodes.split(",")):
         path = residual_chain(n // 4)
         out = Path("/tmp") / f"rc-scale-{n}.onnx"
@@ -60,10 +84,16 @@ def main() -> None:
                                       check=True, capture_output=True, text=True).stdout)
         out.unlink(missing_ok=True)
         proto = graph_proto_mb(path)
+        limits = {lib: limit_peak_mb(lib, path, out) for lib in ("onnx", "onnx_ir")}
         per_node[n] = {k: r[k] / r["nodes"] * 1e6 for k in ("import", "analysis", "pass rezero", "export")}
         stages = " | ".join(f"{per_node[n][k]:.1f}" for k in ("import", "analysis", "pass rezero", "export"))
-        rows.append(f"| {r['nodes']:,} | {r['sites']:,} | {stages} | {r['peak_rss_mb']:.0f} MB | {proto:.1f} MB | "
-                    f"{r['peak_rss_mb'] / proto:.1f}x |")
+        rows.append(f"| {r['nodes']:,} | {r['sites']:,} | {stages} |")
+        peak = r["peak_rss_mb"]
+        mem_rows.append(
+            f"| {r['nodes']:,} | {proto:.1f} MB | {limits['onnx']:.0f} MB ({limits['onnx'] / proto:.0f}x) | "
+            f"{limits['onnx_ir']:.0f} MB ({limits['onnx_ir'] / proto:.0f}x) | "
+            f"{r['mb import']:.0f} / {r['mb analysis']:.0f} / {r['mb pass']:.0f} / {peak:.0f} MB | "
+            f"{peak / proto:.0f}x | {peak / limits['onnx_ir']:.2f}x |")
     sizes = sorted(per_node)
     ratio = ""
     if 10000 in per_node and sizes[-1] > 10000:
@@ -76,15 +106,28 @@ Command: `python tools/bench/scaling.py --nodes {args.nodes}`
 Machine: {machine()}.
 Residual chains written directly as ONNX (per block: MatMul, Relu, MatMul, Add; 4x4 weights);
 each size runs in a fresh process with the garbage collector paused as in the CLI.
-Peak memory is the growth of the process's peak RSS over its size after imports;
-the graph protobuf is the model without initializers.
 
-| nodes | sites | import µs/node | analysis µs/node | rezero µs/node | export µs/node | peak memory | graph protobuf | memory / protobuf |
-|---|---|---|---|---|---|---|---|---|
+| nodes | sites | import µs/node | analysis µs/node | rezero µs/node | export µs/node |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {ratio}
-Target: peak memory <= 3x the graph protobuf.
+
+Peak memory is the growth of the process's peak RSS over its size after imports,
+for rescompile's stages in one process (after import / analysis / pass / export,
+cumulative) and, as the limit, for processes that only load and save the same
+file with `onnx` and with `onnx_ir`. The graph protobuf is the model without
+initializers (the issue's yardstick: target <= 3x).
+
+| nodes | graph protobuf | onnx load+save | onnx_ir load+save | rescompile import / analysis / pass / export | rescompile / protobuf | rescompile / onnx_ir load+save |
+|---|---|---|---|---|---|---|
+{chr(10).join(mem_rows)}
+
+Holding a graph as Python objects costs far more than its protobuf: `onnx.load`
+alone (upb messages) peaks at many times the protobuf, and onnx-ir, the I/O
+layer chosen for speed on large weights, at several times that again. The
+3x target is therefore below what loading and saving the file with either
+library costs; rescompile's own share is its peak over onnx_ir load+save.
 """)
 
 
