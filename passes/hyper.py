@@ -215,7 +215,10 @@ class HyperConnectionsPass(PassBase):
         if not self.options.dynamic:
             return swap_last_two(static, (rows, cols), b), beta
         lead = h_shape[:-2]
-        # Hn = x / max(||x||, 1e-12) * sqrt(width) * (1 + g) per row: the package's RMSNorm.
+        # The package's RMSNorm, Hn = H / max(||H||, 1e-12) * sqrt(width) * (1 + g) per row,
+        # feeds only the two small matmuls Hn W, so it is computed as
+        # (H (s * W)) / max(||H||, 1e-12) with s = sqrt(width) (1 + g): the same function,
+        # without two elementwise ops (and their gradients) on the [..., rows, width] tensor.
         sq = b.op("Mul", [h, h], dtype=dtype, shape=h_shape)
         axes = b.const("norm_axes", [-1], trainable=False, dtype="int64")
         ss = b.op("ReduceSum", [sq, axes], attrs={"keepdims": 1}, dtype=dtype, shape=lead + (rows, 1))
@@ -226,13 +229,15 @@ class HyperConnectionsPass(PassBase):
         gain = b.op("Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(width,))
         gain = b.op("Mul", [gain, b.const("sqrt_d", np.sqrt(width), trainable=False, dtype=dtype)], dtype=dtype,
                     shape=(width,))
-        hn = b.op("Div", [h, norm], dtype=dtype, shape=h_shape)
-        hn = b.op("Mul", [hn, gain], dtype=dtype, shape=h_shape, name="normed")
+        gain = b.op("Reshape", [gain, b.const("column", [-1, 1], trainable=False, dtype="int64")], dtype=dtype,
+                    shape=(width, 1))
 
         def dynamic(weight_name, scale_name, n_cols, static_value):
             w = b.const(weight_name, np.zeros((width, n_cols)), trainable=True, dtype=dtype)
             scale = b.const(scale_name, 1e-2, trainable=True, dtype=dtype)
-            z = b.op("MatMul", [hn, w], dtype=dtype, shape=lead + (rows, n_cols))
+            w = b.op("Mul", [w, gain], dtype=dtype, shape=(width, n_cols))
+            z = b.op("MatMul", [h, w], dtype=dtype, shape=lead + (rows, n_cols))
+            z = b.op("Div", [z, norm], dtype=dtype, shape=lead + (rows, n_cols), name="normed")
             z = b.op("Tanh", [z], dtype=dtype, shape=lead + (rows, n_cols))
             z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (rows, n_cols))
             return b.op("Add", [z, static_value], dtype=dtype, shape=lead + (rows, n_cols))

@@ -30,10 +30,12 @@ def rescompile_div(a, b):
 
 def rescompile_matmul(a, b):
     # A small matrix applied to a batched tensor (hyper-connections' width and depth
-    # mixing): einsum folds the batch dims into one GEMM, while matmul broadcasts the
-    # matrix into a batched GEMM, about 2x slower forward+backward (measured on CPU).
+    # mixing): matmul on the 2-D matrix folds the batch into one GEMM on a transposed
+    # copy, about 3.5x slower forward+backward than a batched GEMM on the matrix
+    # expanded (a view) to the batch; einsum sits between (1.5x). Measured on CPU
+    # with [5, 4] @ [1, 128, 4, 768].
     if a.dim() == 2 and b.dim() > 2:
-        return torch.einsum("ij,...jk->...ik", a, b)
+        return torch.matmul(a.expand(*b.shape[:-2], *a.shape), b)
     return torch.matmul(a, b)
 
 
