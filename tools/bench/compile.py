@@ -56,7 +56,7 @@ t6 = time.perf_counter()
 _check_onnx(sys.argv[2])
 t7 = time.perf_counter()
 print(json.dumps({"import rescompile": t1 - t0, "load (onnx-ir -> IR)": t2 - t1, "analysis": t3 - t2,
-                  "pass rezero (incl. its analysis)": t4 - t3, "build onnx-ir model": t5 - t4,
+                  "pass rezero (incl. its analysis)": t4 - t3, "IR edits -> onnx-ir model": t5 - t4,
                   "export + save": t6 - t5, "onnx.checker": t7 - t6}))
 '''
 
