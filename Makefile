@@ -5,6 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install demo test bench clean
 
@@ -23,7 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q -p no:logging
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]' 2>&1 \
+		| grep -v "^WARNING: Location" || true
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) tools/bench/run.py
 
 clean:

@@ -76,11 +76,41 @@ def graph_proto_mb(path: Path) -> float:
     return model.ByteSize() / 2**20
 
 
+def plot_png(per_node: dict, memory: dict) -> str:
+    """Time per node and memory over the graph protobuf against graph size, as a PNG
+    next to the results (matplotlib comes with `make bench`); '' without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ""
+    sizes = sorted(per_node)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for stage in per_node[sizes[0]]:
+        left.plot(sizes, [per_node[n][stage] for n in sizes], marker="o", label=stage)
+    left.set(xscale="log", xlabel="nodes", ylabel="µs per node", title="time per node (flat = linear)")
+    left.set_ylim(bottom=0)
+    for what in memory[sizes[0]]:
+        right.plot(sizes, [memory[n][what] for n in sizes], marker="o", label=what)
+    right.axhline(3, color="grey", linestyle="--", label="target (3x)")
+    right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="peak memory / graph protobuf",
+              title="peak memory")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(__file__).resolve().parent / "results" / "scaling.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return f"![time per node and peak memory against graph size]({path.relative_to(ROOT)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", default="1000,10000,100000,300000")
     args = parser.parse_args()
-    rows, mem_rows, per_node = [], [], {}
+    rows, mem_rows, per_node, memory = [], [], {}, {}
     for n in (int(x) for x in args.nodes.split(",")):
         path = residual_chain(n // 4)
         out = Path("/tmp") / f"rc-scale-{n}.onnx"
@@ -93,6 +123,8 @@ def main() -> None:
         stages = " | ".join(f"{per_node[n][k]:.1f}" for k in ("import", "analysis", "pass rezero", "export"))
         rows.append(f"| {r['nodes']:,} | {r['sites']:,} | {stages} |")
         peak = r["peak_rss_mb"]
+        memory[n] = {"rescompile apply": peak / proto, "onnx_ir load+save": limits["onnx_ir"] / proto,
+                     "onnx load+save": limits["onnx"] / proto}
         mem_rows.append(
             f"| {r['nodes']:,} | {proto:.1f} MB | {limits['onnx']:.0f} MB ({limits['onnx'] / proto:.0f}x) | "
             f"{limits['onnx_ir']:.0f} MB ({limits['onnx_ir'] / proto:.0f}x) | "
@@ -104,6 +136,7 @@ def main() -> None:
         top = sizes[-1]
         ratio = "Time per node at {:,} over 10,000: ".format(top) + ", ".join(
             f"{k} {per_node[top][k] / per_node[10000][k]:.2f}x" for k in per_node[top]) + " (target <= 1.2x)."
+    plot = plot_png(per_node, memory)
     write_result("scaling", f"""## Scaling with graph size
 
 Command: `python tools/bench/scaling.py --nodes {args.nodes}`
@@ -116,6 +149,8 @@ each size runs in a fresh process with the garbage collector paused as in the CL
 {chr(10).join(rows)}
 
 {ratio}
+
+{plot}
 
 Peak memory is the process's peak RSS less its RSS after imports,
 for rescompile's stages in one process (after import / analysis / pass / export,
