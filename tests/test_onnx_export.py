@@ -6,8 +6,10 @@ a fresh import of the same edits."""
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 
 from rescompile.api import build_passes, run_passes
+from rescompile.frontends._onnx_export import _build, export_model
 from rescompile.frontends.onnx import load_onnx, save_onnx
 from rescompile.ir import verify
 from rescompile.validation import random_onnx_inputs, run_onnx
@@ -71,3 +73,47 @@ def test_moved_nodes_are_written_in_their_new_order(onnx_model, tmp_path):
     assert written == [n.name for n in graph]
     assert written != [n.name for n in ir.load(src).graph]
     assert_same_outputs(tmp_path / "moved.onnx", src, src)
+
+
+def structure(model):
+    """Everything a reader of the file sees, by name."""
+    g = model.graph
+    nodes = [(n.domain, n.op_type, n.name, [v.name if v is not None else "" for v in n.inputs],
+              [v.name for v in n.outputs], sorted((k, repr(a.value)) for k, a in n.attributes.items()))
+             for n in g]
+    inits = {name: (v.const_value.numpy().tobytes(), v.shape, v.type) for name, v in g.initializers.items()}
+    values = {v.name: (v.shape, v.type) for n in g for v in n.outputs}
+    return nodes, inits, values, [v.name for v in g.inputs], [v.name for v in g.outputs], dict(model.opset_imports)
+
+
+@pytest.mark.parametrize("name,specs", [
+    ("gpt2", ["hyper:n=4,dynamic=true"]),
+    ("resnet50", ["layerscale:init=0.5", "fold"]),
+    ("llama", ["decay:compensate=true", "laurel:variant=lr"]),
+    ("vit", ["dense", "rezero"]),
+])
+def test_writing_edits_back_equals_building_a_fresh_model(onnx_model, name, specs):
+    graph = load_onnx(onnx_model(name))
+    run_passes(graph, build_passes(specs))
+    fresh = _build(graph, graph.source)
+    synced = export_model(graph)
+    assert synced is graph.source.model
+    assert structure(synced) == structure(fresh)
+
+
+def test_changed_shapes_types_names_and_attributes_are_written_back(onnx_model):
+    graph = load_onnx(onnx_model("gpt2"))
+    node = next(n for n in graph if n.attrs and n.output.shape)
+    out = node.output
+    out.shape = ("renamed_dim",) + tuple(out.shape[1:])
+    out.dtype = "float16"
+    out.name = "renamed_value"
+    node.name = "renamed_node"
+    node.attrs = {**node.attrs, "rescompile_test": 3}
+    fresh = _build(graph, graph.source)
+    synced = export_model(graph)
+    assert structure(synced) == structure(fresh)
+    written = next(n for n in synced.graph if n.name == "renamed_node")
+    assert written.outputs[0].name == "renamed_value" and written.attributes["rescompile_test"].value == 3
+    assert str(written.outputs[0].shape[0]) == "renamed_dim"
+    assert written.outputs[0].type.dtype == ir.DataType.FLOAT16
