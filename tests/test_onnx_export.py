@@ -9,7 +9,9 @@ import onnx_ir as ir
 import pytest
 
 from rescompile.api import build_passes, run_passes
+from rescompile.frontends import _onnx_write
 from rescompile.frontends._onnx_export import _build, export_model
+from rescompile.frontends._onnx_write import write_model
 from rescompile.frontends.onnx import load_onnx, save_onnx
 from rescompile.ir import verify
 from rescompile.validation import random_onnx_inputs, run_onnx
@@ -117,3 +119,21 @@ def test_changed_shapes_types_names_and_attributes_are_written_back(onnx_model):
     assert written.outputs[0].name == "renamed_value" and written.attributes["rescompile_test"].value == 3
     assert str(written.outputs[0].shape[0]) == "renamed_dim"
     assert written.outputs[0].type.dtype == ir.DataType.FLOAT16
+
+
+@pytest.mark.parametrize("name,exporter,external", [("gpt2", "dynamo", "m.onnx.data"), ("bert", "legacy", None)])
+def test_chunked_writer_writes_what_onnx_ir_save_writes(onnx_model, tmp_path, monkeypatch, name, exporter,
+                                                        external):
+    monkeypatch.setattr(_onnx_write, "_NODES_PER_CHUNK", 7)  # many chunks, one ending short
+    model = ir.load(onnx_model(name, exporter))
+    before = ir.serde.serialize_model(model)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    write_model(model, ours / "m.onnx", external_data=external)
+    ir.save(model, theirs / "m.onnx", external_data=external)
+    assert ir.serde.serialize_model(model) == before  # the model is left unchanged
+    assert (onnx.load(str(ours / "m.onnx"), load_external_data=False)
+            == onnx.load(str(theirs / "m.onnx"), load_external_data=False))
+    if external:
+        assert (ours / external).read_bytes() == (theirs / external).read_bytes()
+    onnx.checker.check_model(str(ours / "m.onnx"), full_check=True)

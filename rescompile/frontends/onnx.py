@@ -28,6 +28,7 @@ from rescompile._gc import paused_gc
 from rescompile.errors import RescompileError
 from rescompile.frontends._onnx_common import OnnxSource, dtype_name, shape_tuple
 from rescompile.frontends._onnx_export import export_model
+from rescompile.frontends._onnx_write import write_model
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
 
 __all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx",
@@ -218,7 +219,7 @@ def save_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | No
     tmpdir = Path(tempfile.mkdtemp(prefix=".rescompile-", dir=parent))
     try:
         with paused_gc():
-            ir.save(model, tmpdir / path.name, external_data=data_name)
+            write_model(model, tmpdir / path.name, external_data=data_name)
         if check is not None:
             check(tmpdir / path.name)
         written = []
