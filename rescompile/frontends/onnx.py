@@ -1,11 +1,11 @@
 """ONNX <-> rescompile IR, through onnx-ir.
 
 ONNX I/O goes through onnx-ir rather than onnx.load/onnx.save or
-onnx-graphsurgeon: on a 1.4 GB GPT-2 export, onnx-ir load+save takes about 0.6 s
-against 5 s (graphsurgeon) and 9 s (protobuf), because weights stay as lazy
-(memory-mapped) tensors and are never copied through protobuf. Initializer
-payloads keep those tensor objects, so a rewrite touches only the bytes it
-changes.
+onnx-graphsurgeon: weights stay as lazy (memory-mapped) tensors and are never
+copied through protobuf (on a 1.4 GB GPT-2 export the project brief measured
+load+save at 0.6 s for onnx-ir, 5 s for graphsurgeon and 9 s for protobuf;
+BENCHMARKS.md has this machine's figures). Initializer payloads keep those
+tensor objects, so a rewrite touches only the bytes it changes.
 
 Import keeps everything needed for a lossless export in `graph.source`
 (`OnnxSource`), in each node's `attrs` (the onnx-ir attribute objects) and in
