@@ -137,3 +137,25 @@ def test_chunked_writer_writes_what_onnx_ir_save_writes(onnx_model, tmp_path, mo
     if external:
         assert (ours / external).read_bytes() == (theirs / external).read_bytes()
     onnx.checker.check_model(str(ours / "m.onnx"), full_check=True)
+
+
+def test_chunked_writer_keeps_local_functions_and_metadata(tmp_path):
+    from onnx import TensorProto, helper
+    double = helper.make_function("custom", "Double", ["x"], ["y"], [helper.make_node("Add", ["x", "x"], ["y"])],
+                                  [helper.make_opsetid("", 18)])
+    graph = helper.make_graph(
+        [helper.make_node("Double", ["a"], ["b"], domain="custom"), helper.make_node("Relu", ["b"], ["c"])],
+        "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, functions=[double], doc_string="doc",
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("custom", 1)])
+    helper.set_model_props(proto, {"k": "v"})
+    model = ir.serde.deserialize_model(proto)
+    write_model(model, tmp_path / "ours.onnx")
+    ir.save(model, tmp_path / "theirs.onnx")
+    ours = onnx.load(str(tmp_path / "ours.onnx"))
+    assert ours == onnx.load(str(tmp_path / "theirs.onnx"))
+    assert [f.name for f in ours.functions] == ["Double"] and ours.metadata_props[0].value == "v"
+    onnx.checker.check_model(ours, full_check=True)
+    feeds = {"a": np.array([1.0, -2.0], np.float32)}
+    np.testing.assert_array_equal(run_onnx(str(tmp_path / "ours.onnx"), feeds)["c"], [2.0, 0.0])
