@@ -71,14 +71,9 @@ def shape_tuple(shape: ir.Shape | None) -> tuple | None:
     return tuple(dims)
 
 
-def imported(value: Value) -> tuple[ir.Value, tuple | None] | None:
-    """(the onnx-ir value an IR value was imported from, its IR shape at import)."""
-    return value.origin
-
-
 def ir_type(value: Value) -> Any:
     """The onnx-ir type for an IR value: the imported object while the dtype is unchanged."""
-    kept = imported(value)
+    kept = value.origin  # (the onnx-ir value it was imported from, its IR shape then)
     if kept is not None and kept[0].type is not None and (
             value.dtype is None or dtype_name(kept[0].type) == value.dtype):
         return kept[0].type
@@ -92,7 +87,7 @@ def ir_shape(value: Value) -> ir.Shape | None:
     (rebuilding ir.Shape objects dominated export time on large graphs)."""
     if value.shape is None:
         return None
-    kept = imported(value)
+    kept = value.origin
     if kept is not None and kept[1] == value.shape:
         return kept[0].shape
     return ir.Shape(list(value.shape))

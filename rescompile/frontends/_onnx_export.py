@@ -58,7 +58,14 @@ def _drops_name(value: Value) -> bool:
     return bool(value.meta.get("onnx.absent")) and not value.uses() and not value.is_graph_output
 
 
+def _new_value(value: Value) -> ir.Value:
+    return ir.Value(name=value.name, shape=ir_shape(value), type=ir_type(value))
+
+
 def _new_node(node: Node, inputs: list, outputs: list) -> ir.Node:
+    for out, iv in zip(node.outputs, outputs):
+        if _drops_name(out):
+            iv.name = ""
     return ir.Node(node.domain, node.op_type, inputs, _attributes(node.attrs), outputs=outputs,
                    name=node.name, overload=node.meta.get("onnx.overload", ""),
                    doc_string=node.meta.get("onnx.doc_string"),
@@ -69,7 +76,7 @@ def _build(graph: Graph, source: OnnxSource) -> ir.Model:
     vmap: dict[Value, ir.Value] = {}
 
     def new_value(value: Value) -> ir.Value:
-        vmap[value] = ir.Value(name=value.name, shape=ir_shape(value), type=ir_type(value))
+        vmap[value] = _new_value(value)
         return vmap[value]
 
     inputs = [new_value(v) for v in graph.inputs]
@@ -82,9 +89,6 @@ def _build(graph: Graph, source: OnnxSource) -> ir.Model:
     domains = dict(source.opset_imports)
     for node in graph:
         outputs = [new_value(out) for out in node.outputs]
-        for out, v in zip(node.outputs, outputs):
-            if _drops_name(out):
-                v.name = ""
         if node.domain not in domains and node.domain != "ai.onnx":
             domains[node.domain] = 1
         nodes.append(_new_node(node, [vmap[v] if v is not None else None for v in node.inputs], outputs))
@@ -111,13 +115,13 @@ class _Sync:
             self._value(value)
         self._initializers()
         order = [self._node(node) for node in self.graph]
-        self._order(order)
         inputs = [vmap[v] for v in self.graph.inputs]
         if list(g.inputs) != inputs:
             g.inputs[:] = inputs
         outputs = [vmap[v] for v in self.graph.outputs]
         if list(g.outputs) != outputs:
             g.outputs[:] = outputs
+        self._order(order)
         opsets = self.model.opset_imports
         for domain in {node.domain for node in self.graph}:
             if domain not in opsets and domain != "ai.onnx":
@@ -129,7 +133,7 @@ class _Sync:
         """The onnx-ir value for an IR value, created or brought up to date."""
         kept = value.origin
         if kept is None:
-            iv = ir.Value(name=value.name, shape=ir_shape(value), type=ir_type(value))
+            iv = _new_value(value)
             value.origin = (iv, value.shape)
         else:
             iv, shape_at_import = kept
@@ -164,9 +168,6 @@ class _Sync:
         inputs = [vmap[v] if v is not None else None for v in node.inputs]
         inode = node.origin
         if inode is None:
-            for out, iv in zip(node.outputs, outputs):
-                if _drops_name(out):
-                    iv.name = ""
             inode = node.origin = _new_node(node, inputs, outputs)
             return inode
         if inode.inputs != tuple(inputs):
@@ -192,11 +193,8 @@ class _Sync:
         g = self.g
         live = set(order)
         dead = [n for n in g if n not in live]
-        for n in dead:  # detach so the values they read do not list them as users
-            for i in range(len(n.inputs)):
-                n.replace_input_with(i, None)
-        if dead:
-            g.remove(dead, safe=False)
+        if dead:  # safe: checks nothing live reads them and detaches their inputs
+            g.remove(dead, safe=True)
         surviving = [n for n in order if n.graph is g]
         if surviving != list(g):  # an edit reordered existing nodes: relink all
             g.remove(surviving, safe=False)

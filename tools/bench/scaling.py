@@ -19,18 +19,26 @@ sys.path.insert(0, str(ROOT))
 from tools.bench.common import machine, write_result  # noqa: E402
 from tools.bench.models import residual_chain  # noqa: E402
 
-STAGES = r'''
+# Both workers measure peak RSS less the RSS after their imports (not the peak so
+# far: imports peak higher), with the garbage collector paused as in the CLI.
+MEMORY = r'''
 import gc, json, resource, sys, time
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def current_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+'''
+START = r'''
+gc.disable()
+base = current_mb()
+'''
+
+STAGES = MEMORY + r'''
 sys.path.insert(0, sys.argv[3])
 from rescompile.api import build_passes, run_passes
 from rescompile.analysis.residuals import find_residuals
 from rescompile.frontends.onnx import load_onnx, save_onnx
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-def current_mb():  # the base is the current RSS, not the peak so far (imports peak higher)
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-gc.disable()  # as the CLI does (rescompile._gc)
-base = current_mb()
+''' + START + r'''
 out = {}
 t = time.perf_counter(); graph = load_onnx(sys.argv[1]); out["import"] = time.perf_counter() - t
 out["nodes"] = len(graph); out["mb import"] = rss_mb() - base
@@ -45,15 +53,9 @@ print(json.dumps(out))
 
 
 # The limit: the same file loaded and saved by each library alone, measured the same way.
-LIMIT = r'''
-import gc, json, resource, sys
+LIMIT = MEMORY + r'''
 import onnx, onnx_ir
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-def current_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-gc.disable()
-base = current_mb()
+''' + START + r'''
 if sys.argv[3] == "onnx_ir":
     onnx_ir.save(onnx_ir.load(sys.argv[1]), sys.argv[2])
 else:
