@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test margin bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q -p no:logging
+
+# The numerical tests again with every tolerance divided by 4, printing each test's worst
+# diff/tolerance ratio: shows how close each case is to flaking on this CPU.
+margin: $(STAMP)
+	$(PY) -m pytest -n 2 -q -p no:logging --tolerance-margin 4 -rN
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]' 2>&1 \

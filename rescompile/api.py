@@ -16,59 +16,13 @@ from typing import Any
 
 from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, ResidualStream, find_residuals
 from rescompile.errors import RescompileError
-from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
+from rescompile.infra import PassBase, PassManager, PassResult
 from rescompile.ir import PARAM, Graph
+from rescompile.pipeline import build_passes, compile_model, is_torch_module, load, must_exist
+from rescompile.validation import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["InspectReport", "load", "inspect", "apply", "validate", "build_passes", "run_passes",
            "is_torch_module"]
-
-PT2_SUFFIX = ".pt2"
-PICKLE_SUFFIXES = (".pt", ".pth")
-
-
-def is_torch_module(model: Any) -> bool:
-    """True for nn.Module instances, without importing torch for other objects."""
-    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module"
-               for c in type(model).__mro__)
-
-
-def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-         trust_pickle: bool = False, dynamic: bool = True) -> Graph:
-    """Import `model` into the IR.
-
-    Args:
-        model: an nn.Module, a `.pt2` path (torch.export.save), a `.pt`/`.pth`
-            path holding a pickled module (only with `trust_pickle`), an ONNX
-            path, an onnx.ModelProto or an onnx_ir.Model.
-        example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
-            positional inputs or a dict of keyword inputs.
-        trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
-        dynamic: capture modules with dynamic dims where the model allows (the
-            result then accepts other batch sizes and lengths); False captures
-            the example shapes only, which is faster.
-    """
-    if isinstance(model, Graph):
-        return model
-    if is_torch_module(model):
-        from rescompile.frontends.torch import import_module
-        return import_module(model, example_inputs, example_kwargs, dynamic=dynamic)
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if path.suffix == PT2_SUFFIX:
-            from rescompile.frontends.torch import load_pt2
-            _must_exist(path)
-            return load_pt2(path)
-        if path.suffix in PICKLE_SUFFIXES:
-            from rescompile.frontends.torch import import_module, load_pickled_module
-            module = load_pickled_module(path, trust_pickle=trust_pickle)
-            return import_module(module, example_inputs, example_kwargs, dynamic=dynamic)
-    from rescompile.frontends.onnx import load_onnx
-    return load_onnx(model)
-
-
-def _must_exist(path: Path) -> None:
-    if not path.exists():
-        raise RescompileError(f"{path}: no such file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +71,6 @@ def inspect(model: Any, example_inputs: Any = None, **kw: Any) -> InspectReport:
     return InspectReport(find_residuals(graph), nodes=len(graph), params=_param_count(graph))
 
 
-def build_passes(passes: Iterable[str | PassBase]) -> list[PassBase]:
-    """Turn spec strings ("rezero", "rezero:init=0") and pass objects into passes."""
-    from rescompile.passes import PASSES
-    built = []
-    for p in passes:
-        built.append(parse_spec(p, PASSES) if isinstance(p, str) else p)
-        if not isinstance(built[-1], PassBase):
-            raise RescompileError(f"{p!r} is neither a pass spec string nor a pass object")
-    return built
-
-
 def run_passes(graph: Graph, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:
     return PassManager(passes, check=check)(graph)
 
@@ -139,7 +82,8 @@ def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: An
         model: see `load`.
         passes: spec strings ("rezero", "rezero:init=0,sites=depth:2-") or pass objects.
         example_inputs: needed for nn.Modules.
-        **kw: `example_kwargs`, `trust_pickle`, `dynamic` (see `load`).
+        **kw: `example_kwargs`, `trust_pickle`, `dynamic` (see `load`), and the
+            pipeline's options (`rescompile.pipeline.compile_model`).
 
     Returns:
         an nn.Module (a trainable `torch.fx.GraphModule` whose original
@@ -148,27 +92,15 @@ def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: An
         ONNX input. To write large ONNX models use the CLI's `apply -o`, which
         streams weights to an external data file.
     """
-    if isinstance(passes, (str, PassBase)):
-        passes = [passes]
-    built = build_passes(passes)
-    graph = load(model, example_inputs, **kw)
-    run_passes(graph, built)
-    from rescompile.frontends import is_torch_graph
-    if is_torch_graph(graph):
-        from rescompile.frontends.torch import export_module
-        return export_module(graph)
-    import onnx_ir as ir
-
-    from rescompile.frontends.onnx import export_model
-    exported = export_model(graph)
-    # A ModelProto must be self-contained: pull weights kept in external files into memory.
-    ir.external_data.load_to_model(exported)
-    return ir.serde.serialize_model(exported)
+    return compile_model(model, passes, example_inputs=example_inputs, **kw).output
 
 
-def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float = 1e-5,
-             rtol: float = 0.0, dims: dict[str, int] | None = None, seed: int = 0):
+def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float = DEFAULT_ATOL,
+             rtol: float = DEFAULT_RTOL, dims: dict[str, int] | None = None, seed: int = 0):
     """Run both models on the same inputs and compare outputs.
+
+    Outputs agree when |new - original| <= atol * max(1, max|original|) + rtol * |original|
+    elementwise (see `rescompile.validation.Tolerance` for why these defaults).
 
     Args:
         original, rewritten: two nn.Modules (compared in torch), or two ONNX
@@ -194,7 +126,7 @@ def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float =
 
 def _onnx_source(model: Any) -> str | bytes:
     if isinstance(model, (str, os.PathLike)):
-        _must_exist(Path(model))
+        must_exist(Path(model))
         return str(model)
     if hasattr(model, "SerializeToString"):
         return model.SerializeToString()

@@ -11,22 +11,15 @@ import gc
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
 
+from rescompile.console import make_console, print_pass_stats, print_validation, site_table, summary
 from rescompile.errors import RescompileError
+from rescompile.validation import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["main", "cli"]
-
-
-def _console():
-    from rich.console import Console
-    console = Console(highlight=False, soft_wrap=False)
-    if not console.is_terminal:
-        console.width = 160  # logs and pipes: do not squeeze tables to 80 columns
-    return console
 
 
 def _parse_dims(dims: tuple[str, ...]) -> dict[str, int]:
@@ -51,29 +44,19 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 
 
-def _site_table(report, title: str):
-    from rich.table import Table
-    table = Table(title=title, title_justify="left")
-    for col in ("site", "kind", "stream", "depth", "norm", "branch params", "skip", "branch"):
-        table.add_column(col, justify="right" if col in ("stream", "depth", "branch params") else "left")
-    for s in report.residuals:
-        table.add_row(s.name, s.kind, str(s.stream), str(s.depth), s.norm, f"{s.branch_params:,}",
-                      s.skip.name, s.branch.name)
-    return table
-
-
-def _summary(report) -> str:
-    kinds = [s.kind for s in report.residuals]
-    return (f"{len(kinds)} residual sites ({kinds.count('identity')} identity, "
-            f"{kinds.count('projection')} projection) in {len(report.streams)} streams; "
-            f"{report.nodes:,} nodes, {report.params:,} parameters")
-
-
 def _torch_options(fn):
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Allow loading a pickled module from .pt/.pth (unpickling runs code).")(fn)
     fn = click.option("--example-inputs", "example_file", type=click.Path(path_type=Path),
                       help="A torch.save'd tuple or dict of example inputs (for .pt/.pth modules).")(fn)
+    return fn
+
+
+def _tolerance_options(fn):
+    fn = click.option("--rtol", default=DEFAULT_RTOL, show_default=True, type=float,
+                      help="Relative tolerance: allowed += rtol * |original|.")(fn)
+    fn = click.option("--atol", default=DEFAULT_ATOL, show_default=True, type=float,
+                      help="Absolute tolerance, times max(1, max|original|) of each output.")(fn)
     return fn
 
 
@@ -101,12 +84,12 @@ def inspect(model: Path, as_json: bool, trust_pickle: bool, example_file: Path |
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
-    console = _console()
-    console.print(_site_table(report, f"{model}"))
+    console = make_console()
+    console.print(site_table(report, f"{model}"))
     for stream in report.streams:
         console.print(f"stream {stream.index}: {len(stream.sites)} sites, {stream.norm}-norm, "
                       f"{stream.input.name} -> {stream.output.name}")
-    console.print(_summary(report))
+    console.print(summary(report))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -116,14 +99,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_onnx(path: Path) -> None:
-    import onnx
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises ValidationError and C++ errors
-        raise RescompileError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-
-
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--pass", "specs", multiple=True, required=True,
@@ -131,88 +106,47 @@ def _check_onnx(path: Path) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
 @click.option("--validate", "do_validate", is_flag=True,
               help="Compare the result with MODEL in ONNX Runtime (function-preserving passes only).")
-@click.option("--atol", default=1e-5, show_default=True, help="Tolerance for --validate.")
+@_tolerance_options
 @click.option("--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate).")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker on the output.")
 @_torch_options
 @click.pass_context
-def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, dims, no_check: bool,
-          trust_pickle: bool, example_file: Path | None) -> None:
+def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, rtol: float, dims,
+          no_check: bool, trust_pickle: bool, example_file: Path | None) -> None:
     """Rewrite MODEL with passes and write the result to OUTPUT.
 
     ONNX models give ONNX; torch programs (.pt2, or .pt/.pth with --trust-pickle)
     give .pt2 or .onnx, chosen by OUTPUT's suffix."""
-    from rescompile.api import PICKLE_SUFFIXES, PT2_SUFFIX, build_passes, load
-    from rescompile.frontends import is_torch_graph
-    from rescompile.infra import PassManager
+    from rescompile.pipeline import PICKLE_SUFFIXES, PT2_SUFFIX, compile_model
+    from rescompile.validation import Tolerance
     if _same_file(model, output) or _same_file(Path(str(model) + ".data"), Path(str(output) + ".data")):
         raise RescompileError(f"-o {output} would overwrite the input; choose another output path")
     torch_input = model.suffix in (PT2_SUFFIX, *PICKLE_SUFFIXES)
     allowed = (".pt2", ".onnx") if torch_input else (".onnx",)
     if output.suffix not in allowed:
         raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}")
-    passes = build_passes(specs)  # fail on a bad spec before loading a large model
-    dim_values = _parse_dims(dims)
-    examples = _load_examples(example_file)
-    console = _console()
-    t0 = time.perf_counter()
-    graph = load(model, examples, trust_pickle=trust_pickle)
-    t1 = time.perf_counter()
-    manager = PassManager(passes, check=ctx.obj["debug"])
-    result = manager(graph)
-    t2 = time.perf_counter()
-    from rescompile.ir import verify
-    verify(graph)
-    if is_torch_graph(graph):
-        from rescompile.frontends.torch import save_program
-        save_program(graph, output)
-    else:
-        from rescompile.frontends.onnx import save_onnx
-        save_onnx(graph, output, check=None if no_check else _check_onnx)
-    t3 = time.perf_counter()
-    for key, stats in result.stats.items():
-        name = key.split(":", 1)[1]
-        detail = ", ".join(f"{k}={v}" for k, v in stats.items()) or "no change"
-        console.print(f"{name}: {detail} ({manager.timings[key]:.2f}s)")
-    console.print(f"wrote {output} ({len(graph):,} nodes) in {t3 - t0:.2f}s "
-                  f"(load {t1 - t0:.2f}s, passes {t2 - t1:.2f}s, save+check {t3 - t2:.2f}s)")
+    compiled = compile_model(model, specs, example_inputs=_load_examples(example_file), trust_pickle=trust_pickle,
+                             output=output, check=not no_check, verify_each_pass=ctx.obj["debug"],
+                             validate=do_validate, tolerance=Tolerance(atol, rtol), dims=_parse_dims(dims))
+    console = make_console()
+    print_pass_stats(console, compiled)
+    t = compiled.timings
+    console.print(f"wrote {output} ({len(compiled.graph):,} nodes) in {t['load'] + t['passes'] + t['export']:.2f}s "
+                  f"(load {t['load']:.2f}s, passes {t['passes']:.2f}s, save+check {t['export']:.2f}s)")
     if do_validate:
-        if not manager.preserves_function:
-            changed = ", ".join(p.name for p in passes if not p.preserves_function)
+        if compiled.validation is None:
+            changed = ", ".join(p.name for p in compiled.passes if not p.preserves_function)
             console.print(f"validate: skipped, {changed} changes the function by design")
             return
-        if is_torch_graph(graph):
-            from rescompile.frontends.torch import compare_modules, example_inputs_of, export_module
-            reference = export_module(load(model, examples, trust_pickle=trust_pickle))
-            args, kwargs = example_inputs_of(graph)
-            res = compare_modules(reference, export_module(graph), args, kwargs=kwargs, atol=atol)
-        else:
-            from rescompile.validation import compare_onnx
-            res = compare_onnx(model, output, atol=atol, dims=dim_values)
-        _print_validation(console, res)
-        if not res.ok:
+        print_validation(console, compiled.validation)
+        if not compiled.validation.ok:
             sys.exit(1)
-
-
-def _print_validation(console, res) -> None:
-    from rich.table import Table
-    table = Table(title_justify="left")
-    for col in ("output", "shape", "max abs diff", "max rel diff", "ok"):
-        table.add_column(col)
-    for o in res.outputs:
-        table.add_row(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      "yes" if o.ok else "NO")
-    console.print(table)
-    verdict = "within" if res.ok else "NOT within"
-    console.print(f"validate: outputs {verdict} atol={res.atol:g}" +
-                  (f" (dims {res.dims})" if res.dims else ""))
 
 
 @cli.command()
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("rewritten", type=click.Path(path_type=Path))
-@click.option("--atol", default=1e-5, show_default=True)
-@click.option("--rtol", default=0.0, show_default=True)
+@_tolerance_options
 @click.option("--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -224,7 +158,7 @@ def validate(original: Path, rewritten: Path, atol: float, rtol: float, dims, se
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=2))
     else:
-        _print_validation(_console(), res)
+        print_validation(make_console(), res)
     sys.exit(0 if res.ok else 1)
 
 
@@ -242,7 +176,7 @@ def list_passes() -> None:
         preserves = "yes" if cls().preserves_function else "no"
         opts = "\n".join(f"{o['name']}={o['default']}  {o['help']}" for o in option_table(cls)) or "-"
         table.add_row(name, preserves + " (with defaults)", cls.summary, opts)
-    _console().print(table)
+    make_console().print(table)
 
 
 @cli.command()
@@ -251,7 +185,7 @@ def list_passes() -> None:
 def demo(out_dir: Path) -> None:
     """Build a small transformer, export it, inspect it, rewrite it and validate it."""
     from rescompile.demo import run_demo
-    run_demo(out_dir, _console())
+    run_demo(out_dir, make_console())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,10 @@ def _export(path: Path) -> None:
 
 
 def run_demo(out_dir: Path, console) -> None:
-    from rescompile.api import build_passes, inspect, load
-    from rescompile.cli import _check_onnx, _print_validation, _site_table, _summary
-    from rescompile.frontends.onnx import save_onnx
-    from rescompile.infra import PassManager
-    from rescompile.validation import compare_onnx
+    from rescompile.api import inspect, load
+    from rescompile.console import print_pass_stats, print_validation, site_table, summary
+    from rescompile.pipeline import compile_model
+    from rescompile.validation import DEFAULT_TOLERANCE, Tolerance
 
     out_dir.mkdir(parents=True, exist_ok=True)
     original = out_dir / "tiny_transformer.onnx"
@@ -45,36 +44,37 @@ def run_demo(out_dir: Path, console) -> None:
 
     console.rule("2. inspect")
     report = inspect(original)
-    console.print(_site_table(report, str(original)))
-    console.print(_summary(report))
+    console.print(site_table(report, str(original)))
+    console.print(summary(report))
 
+    bit_exact = Tolerance(0.0, 0.0)
     steps = [
-        (["identity"], "round trip through the IR: must be bit-identical", 0.0),
-        (["rezero"], "learned scalar gate on every branch, init 1: same function", 1e-5),
+        (["identity"], "round trip through the IR: must be bit-identical", bit_exact),
+        (["rezero"], "learned scalar gate on every branch, init 1: same function", DEFAULT_TOLERANCE),
         (["layerscale", "fold"], "per-channel gates, then folded into the branch weights: same function, "
-                                 "original node count", 1e-5),
-        (["hyper:n=4,dynamic=true"], "hyper-connections, 4 copies of the stream, dynamic: same function", 1e-5),
+                                 "original node count", DEFAULT_TOLERANCE),
+        (["hyper:n=4,dynamic=true"], "hyper-connections, 4 copies of the stream, dynamic: same function",
+         DEFAULT_TOLERANCE),
         (["rezero:init=0,sites=depth:4-"], "ReZero's init (alpha=0) on the last 4 sites: a different function",
          None),
     ]
     original_nodes = len(load(original))
-    for i, (specs, what, atol) in enumerate(steps, start=3):
+    for i, (specs, what, tol) in enumerate(steps, start=3):
         console.rule(f"{i}. apply " + " ".join(f"-p {s}" for s in specs))
         console.print(what)
-        graph = load(original)
-        result = PassManager(build_passes(specs))(graph)
         target = out_dir / f"tiny_transformer.{i}-{'+'.join(s.split(':')[0] for s in specs)}.onnx"
-        save_onnx(graph, target, check=_check_onnx)
-        for key, stats in result.stats.items():
-            console.print(f"{key.split(':', 1)[1]}: {stats or 'no change'}")
-        console.print(f"{len(graph)} nodes (original {original_nodes}); onnx.checker passed; wrote {target}")
-        res = compare_onnx(original, target, atol=atol if atol is not None else 1e-5)
-        _print_validation(console, res)
-        if atol is not None and not res.ok:
+        compiled = compile_model(original, specs, output=target, validate=True, compare_with_changed=True,
+                                 tolerance=tol or DEFAULT_TOLERANCE)
+        print_pass_stats(console, compiled)
+        console.print(f"{len(compiled.graph)} nodes (original {original_nodes}); onnx.checker passed; "
+                      f"wrote {target}")
+        res = compiled.validation
+        print_validation(console, res, expect_same=tol is not None)
+        if tol is not None and not res.ok:
             raise SystemExit(f"demo: {specs} should preserve the function but does not")
-        if atol is None and res.ok:
+        if tol is None and res.ok:
             raise SystemExit(f"demo: {specs} should change the function but does not")
-        if atol == 0.0:
+        if tol == bit_exact:
             console.print("bit-identical: " + ("yes" if res.max_abs == 0.0 else "NO"))
     console.rule("done")
     console.print(f"files in {out_dir}/; try: rescompile inspect {original}")

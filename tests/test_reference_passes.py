@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 import rescompile
 from rescompile.validation import run_onnx
+from rescompile.validation import assert_close, assert_ok
 from tools.models import ActivationBranchMLP, ModelCase, PostNormMLP, ResidualMLP, export_onnx
 
 torch.manual_seed(0)
@@ -53,7 +54,7 @@ def check(base, specs, reference, tmp_path, mutate=None):
         want = reference().numpy()
         plain = base(X).numpy()
     for got in run_both(base, specs, tmp_path, mutate):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert_close(got, want)
     assert not np.allclose(want, plain, atol=1e-4), "the configuration must change the function"
 
 
@@ -169,7 +170,7 @@ def test_fold_reports_unfoldable_site_and_keeps_function(tmp_path):
     assert result.stats["1:fold"]["folded"] == 0
     module = rescompile.apply(base, ["rezero:init=0.5", "fold"], (X,))
     with torch.no_grad():
-        np.testing.assert_allclose(module(X).numpy(), (X + 0.5 * torch.relu(base.fc(X))).numpy(), atol=1e-6)
+        assert_close(module(X), X + 0.5 * torch.relu(base.fc(X)))
 
 
 def test_new_gate_parameters_get_gradients():
@@ -201,9 +202,9 @@ def test_fold_through_a_channel_keeping_transpose(tmp_path):
     unfolded = rescompile.apply(model, ["layerscale:init=0.5"], x)
     folded = rescompile.apply(model, ["layerscale:init=0.5", "fold"], x)
     assert not [k for k, _ in folded.named_parameters() if k.startswith("rescompile.")]
-    assert rescompile.validate(unfolded, folded, x, atol=1e-5).ok
+    assert_ok(rescompile.validate(unfolded, folded, x))
     assert not rescompile.validate(model, folded, x, atol=1e-3).ok
     src = export_onnx(ModelCase("t", model, x, {}, sites=4), tmp_path / "src" / "t.onnx")
     plain, proto = rescompile.apply(str(src), ["layerscale:init=0.5"]), rescompile.apply(str(src), ["layerscale:init=0.5", "fold"])
     assert len(proto.graph.node) == len(onnx.load(str(src), load_external_data=False).graph.node)
-    assert rescompile.validate(plain, proto, atol=1e-5).ok
+    assert_ok(rescompile.validate(plain, proto))

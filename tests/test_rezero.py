@@ -9,7 +9,7 @@ import torch
 from rescompile.api import build_passes
 from rescompile.frontends.onnx import load_onnx, save_onnx
 from rescompile.infra import PassManager
-from rescompile.validation import compare_onnx, random_onnx_inputs, run_onnx
+from rescompile.validation import assert_close, assert_ok, compare_onnx, random_onnx_inputs, run_onnx
 from tools.models import ResidualMLP, build, export_onnx
 
 
@@ -28,8 +28,7 @@ def test_rezero_init_one_preserves_function(onnx_model, tmp_path, name, exporter
     case = build(name)
     out, result = rewrite(onnx_model(name, exporter), tmp_path, "rezero")
     assert result.modified and result.stats["0:rezero"]["sites"] == case.sites
-    res = compare_onnx(onnx_model(name, exporter), out, atol=1e-5)
-    assert res.ok, res.to_json()
+    assert_ok(compare_onnx(onnx_model(name, exporter), out))
     params = [n for n in onnx.load(str(out), load_external_data=False).graph.initializer
               if n.name.startswith("rescompile.rezero.")]
     assert len(params) == case.sites
@@ -66,7 +65,7 @@ def test_rezero_matches_reference(tmp_path, spec, alphas):
     with torch.no_grad():
         want = ReferenceReZeroMLP(base, alphas)(torch.from_numpy(feeds["input_0"])).numpy()
         plain = base(torch.from_numpy(feeds["input_0"])).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert_close(got, want)
     assert not np.allclose(got, plain, atol=1e-3)  # the rewrite really changed the function
 
 

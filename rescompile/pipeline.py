@@ -1,0 +1,207 @@
+"""The one compile pipeline: load -> passes -> export -> validate.
+
+The API, the CLI and the demo all call `compile_model`, so a model goes through
+the same steps, checks and error messages whichever door it came in by. Only
+presentation (tables, return types) differs between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rescompile.errors import RescompileError
+from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
+from rescompile.ir import Graph, verify
+from rescompile.validation import DEFAULT_TOLERANCE, Tolerance, ValidationResult
+
+__all__ = ["CompileResult", "build_passes", "load", "compile_model", "check_onnx", "is_torch_module",
+           "PT2_SUFFIX", "PICKLE_SUFFIXES"]
+
+PT2_SUFFIX = ".pt2"
+PICKLE_SUFFIXES = (".pt", ".pth")
+
+
+def is_torch_module(model: Any) -> bool:
+    """True for nn.Module instances, without importing torch for other objects."""
+    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module"
+               for c in type(model).__mro__)
+
+
+def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
+         trust_pickle: bool = False, dynamic: Any = None) -> Graph:
+    """Import `model` into the IR.
+
+    Args:
+        model: an nn.Module, a `.pt2` path (torch.export.save), a `.pt`/`.pth`
+            path holding a pickled module (only with `trust_pickle`), an ONNX
+            path, an onnx.ModelProto or an onnx_ir.Model.
+        example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
+            positional inputs or a dict of keyword inputs.
+        trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
+        dynamic: how torch modules are captured (see
+            `rescompile.frontends.torch.import_module`); None takes its default.
+    """
+    if isinstance(model, Graph):
+        return model
+    capture = {} if dynamic is None else {"dynamic": dynamic}
+    if is_torch_module(model):
+        from rescompile.frontends.torch import import_module
+        return import_module(model, example_inputs, example_kwargs, **capture)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.suffix == PT2_SUFFIX:
+            from rescompile.frontends.torch import load_pt2
+            must_exist(path)
+            return load_pt2(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            from rescompile.frontends.torch import import_module, load_pickled_module
+            module = load_pickled_module(path, trust_pickle=trust_pickle)
+            return import_module(module, example_inputs, example_kwargs, **capture)
+    from rescompile.frontends.onnx import load_onnx
+    return load_onnx(model)
+
+
+def must_exist(path: Path) -> None:
+    if not path.exists():
+        raise RescompileError(f"{path}: no such file")
+
+
+def build_passes(passes: Iterable[str | PassBase] | str | PassBase) -> list[PassBase]:
+    """Turn spec strings ("rezero", "rezero:init=0") and pass objects into passes."""
+    from rescompile.passes import PASSES
+    if isinstance(passes, (str, PassBase)):
+        passes = [passes]
+    built = []
+    for p in passes:
+        built.append(parse_spec(p, PASSES) if isinstance(p, str) else p)
+        if not isinstance(built[-1], PassBase):
+            raise RescompileError(f"{p!r} is neither a pass spec string nor a pass object")
+    return built
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker on a written model, as a one-line rescompile error."""
+    import onnx
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises ValidationError and C++ errors
+        raise RescompileError(f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What one run of the pipeline produced.
+
+    Attributes:
+        graph: the rewritten IR.
+        passes: the passes that ran, in order.
+        result: the PassManager's result (per-pass stats).
+        pass_timings: seconds per pass, keyed like `result.stats` ("0:rezero").
+        timings: seconds per stage: load, passes, export (and validate when run).
+        output: the written file (with `output=`), else the exported object: an
+            nn.Module for torch graphs, an onnx.ModelProto for ONNX graphs.
+        validation: the comparison with the input (when asked and every pass
+            preserves the function), else None.
+    """
+
+    graph: Graph
+    passes: list[PassBase]
+    result: PassResult
+    pass_timings: dict[str, float]
+    timings: dict[str, float]
+    output: Any
+    validation: ValidationResult | None = None
+
+    @property
+    def preserves_function(self) -> bool:
+        return all(p.preserves_function for p in self.passes)
+
+
+def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase, *,
+                  example_inputs: Any = None, example_kwargs: dict | None = None,
+                  trust_pickle: bool = False, dynamic: Any = None, output: str | os.PathLike | None = None,
+                  check: bool = True, verify_each_pass: bool = False, validate: bool = False,
+                  compare_with_changed: bool = False, tolerance: Tolerance = DEFAULT_TOLERANCE,
+                  dims: Mapping[str, int] | None = None) -> CompileResult:
+    """Load `model`, run `passes`, export, and optionally validate against the input.
+
+    Args:
+        model, example_inputs, example_kwargs, trust_pickle, dynamic: see `load`.
+        passes: spec strings or pass objects, run in order, each in a transaction.
+        output: write here (ONNX: atomically, with external data as the input had;
+            torch graphs: `.pt2` or `.onnx` by suffix); None returns the exported object.
+        check: run onnx.checker on a written ONNX file before it is moved into place.
+        verify_each_pass: verify the IR after every pass (it is always verified at the end).
+        validate: compare the result with the input (ONNX Runtime for ONNX, torch for
+            torch graphs) when every pass preserves the function.
+        compare_with_changed: also compare when a pass changes the function (the
+            result then shows how much it changed).
+    """
+    built = build_passes(passes)  # a bad spec fails before a large model is loaded
+    from rescompile.frontends import is_torch_graph
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    graph = load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle,
+                 dynamic=dynamic)
+    timings["load"] = time.perf_counter() - t0
+    # Modules are exported from the graph only after the passes: keep the reference now.
+    t0 = time.perf_counter()
+    manager = PassManager(built, check=verify_each_pass)
+    result = manager(graph)
+    verify(graph)
+    timings["passes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exported = _export(graph, output, check)
+    timings["export"] = time.perf_counter() - t0
+    compiled = CompileResult(graph, built, result, dict(manager.timings), timings, exported)
+    if validate and (compiled.preserves_function or compare_with_changed):
+        t0 = time.perf_counter()
+        compiled.validation = _validate(model, graph, exported, output, example_inputs, example_kwargs,
+                                        trust_pickle, tolerance, dims, is_torch_graph(graph))
+        timings["validate"] = time.perf_counter() - t0
+    return compiled
+
+
+def _export(graph: Graph, output: str | os.PathLike | None, check: bool) -> Any:
+    from rescompile.frontends import is_torch_graph
+    if is_torch_graph(graph):
+        if output is not None:
+            from rescompile.frontends.torch import save_program
+            save_program(graph, output)
+            return Path(output)
+        from rescompile.frontends.torch import export_module
+        return export_module(graph)
+    if output is not None:
+        from rescompile.frontends.onnx import save_onnx
+        save_onnx(graph, output, check=check_onnx if check else None)
+        return Path(output)
+    import onnx_ir as ir
+
+    from rescompile.frontends.onnx import export_model
+    exported = export_model(graph)
+    # A ModelProto must be self-contained: pull weights kept in external files into memory.
+    ir.external_data.load_to_model(exported)
+    return ir.serde.serialize_model(exported)
+
+
+def _validate(model: Any, graph: Graph, exported: Any, output, example_inputs, example_kwargs,
+              trust_pickle: bool, tolerance: Tolerance, dims, torch_graph: bool) -> ValidationResult:
+    if torch_graph:
+        from rescompile.frontends.torch import compare_modules, example_inputs_of, export_module
+        reference = model if is_torch_module(model) else export_module(
+            load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle))
+        rewritten = exported if output is None else export_module(graph)
+        args, kwargs = example_inputs_of(graph)
+        return compare_modules(reference, rewritten, args, kwargs=kwargs, atol=tolerance.atol,
+                               rtol=tolerance.rtol)
+    from rescompile.validation import compare_onnx
+    reference = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    if not isinstance(reference, (str, os.PathLike, bytes)):
+        raise RescompileError(f"cannot validate against a {type(model).__name__}: pass a path or a ModelProto")
+    rewritten = str(exported) if output is not None else exported.SerializeToString()
+    return compare_onnx(reference, rewritten, atol=tolerance.atol, rtol=tolerance.rtol, dims=dims)
