@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes  # registers bfloat16 with numpy (np.asarray(x, dtype="bfloat16"))
 import numpy as np
 
 from rescompile.analysis.residuals import ResidualSite
@@ -84,9 +85,13 @@ def vector_shape(value: Value) -> tuple[int, ...]:
 
 
 def numpy_of(payload: Any) -> np.ndarray:
-    """A numpy copy of an initializer payload (numpy, onnx-ir tensor or torch tensor)."""
+    """A numpy copy of an initializer payload (numpy, onnx-ir tensor or torch tensor) in its own
+    dtype. torch will not hand bfloat16 to numpy (which has no bfloat16): it goes through
+    float32, which holds every bfloat16 exactly, and comes back as ml_dtypes.bfloat16."""
     if isinstance(payload, (np.ndarray, np.generic, int, float)):
         return np.array(payload)
     if hasattr(payload, "detach"):
+        if str(payload.dtype) == "torch.bfloat16":
+            return payload.detach().cpu().float().numpy().astype(ml_dtypes.bfloat16)
         return payload.detach().cpu().numpy().copy()
     return np.array(payload.numpy(), copy=True)

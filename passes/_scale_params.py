@@ -16,6 +16,7 @@ decay/deepnorm/depthscale (rescale the branch's last weighted op).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from rescompile.ir import Graph, Node, OpKind, Value
 
 from ._branch import channel_axis, numpy_of
 
-__all__ = ["scale_output", "ScaleRefused"]
+__all__ = ["ScaleRefused", "scale_output"]
 
 _RESHAPES = {"Reshape", "Flatten", "view", "reshape", "_unsafe_view", "flatten", "view.default",
              "reshape.default"}
@@ -53,6 +54,18 @@ def _only_user(value: Value, node: Node, what: str) -> None:
     users = value.consumers()
     if users != [node] or value.is_graph_output:
         raise ScaleRefused(f"{what} {value.name!r} is also used by {len(users) - 1} other op(s)")
+
+
+def _set_scaled(graph: Graph, value: Value, array: np.ndarray, factor: np.ndarray) -> Callable[[], None]:
+    """The edit that sets `value` to `array * factor`, computed in float64 and rounded once to
+    the payload's dtype, so fp16 and bf16 weights stay fp16 and bf16 (and a torch payload a
+    torch tensor) instead of coming back as float64 for the exporter to cast."""
+    def edit() -> None:
+        scaled = array.astype(np.float64) * factor
+        payload = value.payload
+        new = payload.new_tensor(scaled) if hasattr(payload, "new_tensor") else scaled.astype(array.dtype)
+        graph.set_payload(value, new)
+    return edit
 
 
 def _vector_along(factor: np.ndarray, rank: int, axis: int) -> np.ndarray:
@@ -102,8 +115,8 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             const = consts[0]
             _only_user(const, node, "factor")
             rank = len(current.shape) if current.shape is not None else 1
-            scaled = numpy_of(const.payload) * _vector_along(factor, rank, channel_from_end or -1)
-            edits.append(lambda c=const, s=scaled: graph.set_payload(c, np.asarray(s)))
+            edits.append(_set_scaled(graph, const, numpy_of(const.payload),
+                                     _vector_along(factor, rank, channel_from_end or -1)))
             return edits
         if node.kind is OpKind.ADD and len(live) == 1 and len(consts) == 1:
             bias = consts[0]
@@ -120,7 +133,7 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
                     raise ScaleRefused(f"bias {bias.name!r} of shape {array.shape} is not per-channel")
             else:
                 scaled_factor = factor
-            edits.append(lambda b=bias, s=array * scaled_factor: graph.set_payload(b, s))
+            edits.append(_set_scaled(graph, bias, array, scaled_factor))
             _only_user(live[0], node, "value")
             current = live[0]
             continue
@@ -160,11 +173,11 @@ def _scale_weighted(node: Node, slots, factor: np.ndarray, edits: list) -> None:
     if factor.ndim == 1 and w.shape[axis] != factor.shape[0]:
         raise ScaleRefused(f"{node.name}: weight axis {axis} has {w.shape[axis]} channels, "
                            f"the factor {factor.shape[0]}")
-    edits.append(lambda: graph.set_payload(weight, w * _vector_along(factor, w.ndim, axis)))
+    edits.append(_set_scaled(graph, weight, w, _vector_along(factor, w.ndim, axis)))
     bias = _param_input(node, slots.bias, "bias")
     if bias is not None:
         b = numpy_of(bias.payload)
-        edits.append(lambda: graph.set_payload(bias, b * (factor if factor.ndim == 0 else factor.reshape(b.shape))))
+        edits.append(_set_scaled(graph, bias, b, factor if factor.ndim == 0 else factor.reshape(b.shape)))
 
 
 def _scale_norm(node: Node, slots, factor: np.ndarray, edits: list) -> None:
@@ -175,8 +188,8 @@ def _scale_norm(node: Node, slots, factor: np.ndarray, edits: list) -> None:
     g = numpy_of(gain.payload)
     if factor.ndim == 1 and g.shape != factor.shape:
         raise ScaleRefused(f"{node.name}: gain shape {g.shape} does not match the factor {factor.shape}")
-    edits.append(lambda: graph.set_payload(gain, g * factor))
+    edits.append(_set_scaled(graph, gain, g, factor))
     shift = _param_input(node, slots.shift, "shift")
     if shift is not None:
         s = numpy_of(shift.payload)
-        edits.append(lambda: graph.set_payload(shift, s * factor))
+        edits.append(_set_scaled(graph, shift, s, factor))

@@ -19,11 +19,12 @@ import logging
 
 import numpy as np
 
+from rescompile.errors import RescompileError
 from rescompile.infra import PassBase, PassResult, sites_option
 from rescompile.ir import Graph, OpKind
 
-from ._branch import channel_count, numpy_of
-from ._scale_params import ScaleRefused, scale_output
+from ._branch import channel_count
+from ._scale_params import ScaleRefused, numpy_of, scale_output
 
 __all__ = ["FoldPass"]
 
@@ -80,7 +81,7 @@ class FoldPass(PassBase):
             try:
                 if squeezed.shape[0] != channel_count(branch):
                     return f"factor of shape {factor.shape} is not per-channel"
-            except Exception as exc:
+            except RescompileError as exc:  # unknown rank or dynamic channels
                 return str(exc)
         elif squeezed.ndim > 1:
             return f"factor of shape {factor.shape} is not scalar or per-channel"
