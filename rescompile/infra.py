@@ -16,9 +16,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, find_residuals
+from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, ResidualStream, find_residuals
 from rescompile.errors import RescompileError
-from rescompile.ir import Graph, verify
+from rescompile.ir import Graph, IRError, verify
+from rescompile.ir._transaction import transaction
 
 __all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
            "option_table", "sites_option", "streams_option", "select_streams"]
@@ -64,6 +65,9 @@ class SiteSelector:
                 lo, dash, hi = arg.partition("-")
                 if not lo.strip().isdigit() or (hi.strip() and not hi.strip().isdigit()):
                     raise RescompileError(f"bad depth range {arg!r}: use depth:A-B, e.g. depth:0-3")
+                if hi.strip() and int(lo) > int(hi):
+                    raise RescompileError(f"depth range {arg!r} is empty (it selects nothing on any model); "
+                                          "use depth:A-B with A <= B")
             if key == "stream" and not all(s.strip().isdigit() for s in arg.split("|")):
                 raise RescompileError(f"bad stream list {arg!r}: use stream:N or stream:N|M")
             clauses.append((key, arg))
@@ -103,13 +107,36 @@ def select_streams(pass_name: str, analysis: ResidualAnalysis, spec: str) -> lis
     """The streams named by a `streams` option value ("all" or "0|2").
 
     Raises:
-        PassError: for a malformed value.
+        PassError: for a malformed value, or a value other than "all" that names no stream of the model.
     """
     _check_streams_spec(pass_name, spec)
     if spec == "all":
         return list(analysis.streams)
     wanted = {int(s) for s in spec.split("|")}
-    return [s for s in analysis.streams if s.index in wanted]
+    chosen = [s for s in analysis.streams if s.index in wanted]
+    if not chosen:
+        raise PassError(f"{pass_name}: streams={spec} matches no stream; {_model_has(analysis)}")
+    return chosen
+
+
+def _span(numbers: Sequence[int]) -> str:
+    lo, hi = min(numbers), max(numbers)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _model_has(analysis: ResidualAnalysis, spec: str = "") -> str:
+    """What the model offers a selector, for the error that says it matched nothing."""
+    sites = analysis.sites
+    if not sites:
+        return "the model has no residual sites"
+    text = (f"the model has {len(sites)} site{'s' * (len(sites) != 1)} in "
+            f"stream{'s' * (len(analysis.streams) != 1)} {_span([s.stream for s in sites])}, "
+            f"depths {_span([s.depth for s in sites])}")
+    if "kind:" in spec:
+        text += f", kinds {'|'.join(sorted({s.kind for s in sites}))}"
+    if "name:" in spec:
+        text += f", named {sites[0].name!r} ... {sites[-1].name!r}"
+    return text
 
 
 def _check_streams_spec(pass_name: str, spec: str) -> None:
@@ -155,7 +182,26 @@ class PassBase:
         raise NotImplementedError
 
     def residuals(self, graph: Graph) -> ResidualAnalysis:
-        return find_residuals(graph)
+        """The analysis a pass works on, with its `sites` / `streams` option checked against it.
+
+        Every pass that reads residuals comes through here, so a selector that matches nothing
+        fails before anything changes instead of silently writing an unchanged model.
+
+        Raises:
+            PassError: an explicit selector (not `all`) matches no site or stream of the model.
+        """
+        analysis = find_residuals(graph)
+        spec = getattr(self.options, "sites", "all")
+        selector = SiteSelector(spec)
+        if selector._clauses() and not selector.select(analysis):
+            raise PassError(f"{self.name}: sites={spec} matches no site; {_model_has(analysis, spec)}")
+        if hasattr(self.options, "streams"):
+            select_streams(self.name, analysis, self.options.streams)
+        if not analysis.sites:
+            # Not an error under the default selector: a model may simply have no residuals, and a
+            # pipeline may run one pass over many models. Say so; the pass then changes nothing.
+            logger.warning("%s: the model has no residual sites; nothing to rewrite", self.name)
+        return analysis
 
     def selected_sites(self, graph: Graph) -> list[ResidualSite]:
         """Sites chosen by the `sites` option (all when the pass has no such option)."""
@@ -169,9 +215,11 @@ class PassBase:
 
 
 class PassManager:
-    """Run passes in order; with `check`, verify the IR after each pass.
+    """Run passes in order, each in a transaction; with `check`, verify the IR after each pass.
 
-    Errors name the failing pass and the passes that ran before it.
+    A pass that fails (by any exception, or with `check` by leaving an invalid graph) leaves
+    the graph exactly as it was before that pass, and the manager raises a one-line PassError
+    naming the pass, the passes that ran before it, the site where known and the reason.
     """
 
     def __init__(self, passes: Sequence[PassBase], *, check: bool = True) -> None:
@@ -189,14 +237,17 @@ class PassManager:
         for i, pass_ in enumerate(self.passes):
             start = time.perf_counter()
             try:
-                result = pass_.call(graph)
-                if pass_.in_place and result.graph is not graph:
-                    raise PassError(f"{pass_.name} claims to be in place but returned a new graph")
-                if self.check:
-                    verify(result.graph)
-            except RescompileError as exc:
-                after = f" (after {', '.join(done)})" if done else ""
-                raise PassError(f"pass {pass_.name}{after}: {exc}") from exc
+                with transaction(graph):
+                    result = pass_.call(graph)
+                    if pass_.in_place and result.graph is not graph:
+                        raise PassError("claims to be in place but returned a new graph")
+                    if self.check:
+                        try:
+                            verify(result.graph)
+                        except IRError as exc:
+                            raise PassError(f"left an invalid graph: {exc}") from exc
+            except Exception as exc:
+                raise PassError(_failure_message(pass_, done, exc)) from exc
             graph = result.graph
             key = f"{i}:{pass_.name}"
             self.timings[key] = time.perf_counter() - start
@@ -205,6 +256,45 @@ class PassManager:
             logger.info("%s: modified=%s %s", pass_.name, result.modified, result.stats)
             done.append(pass_.name)
         return PassResult(graph, modified, stats)
+
+
+def _failure_message(pass_: PassBase, done: list[str], exc: Exception) -> str:
+    """One line: `pass NAME (after ...): site SITE: reason`, the exception type named for
+    anything but a rescompile error (an IR rule broken, a bug, a numpy error)."""
+    lines = str(exc).strip().splitlines()
+    reason = lines[0] if lines else ""
+    prefix = f"{pass_.name}: "
+    while reason.startswith(prefix):  # passes name themselves; say it once
+        reason = reason[len(prefix):]
+    if not isinstance(exc, RescompileError):
+        reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+    where = _failing_site(exc)
+    if where and where[1] not in reason:
+        reason = f"{where[0]}: {reason}"
+    after = f" (after {', '.join(done)})" if done else ""
+    return f"pass {pass_.name}{after}: {reason}"
+
+
+def _failing_site(exc: BaseException) -> tuple[str, str] | None:
+    """The residual site (or stream) the pass was working on when it raised, if known, as
+    ("site NAME", what a message naming it contains).
+
+    Read from the innermost traceback frame with a local `site` (or `stream`), the names
+    passes and their helpers use, so they need not thread the site into every message
+    they or the IR raise.
+    """
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        site, stream = frame.f_locals.get("site"), frame.f_locals.get("stream")
+        if isinstance(site, ResidualSite):
+            return f"site {site.name}", site.name
+        if isinstance(stream, ResidualStream):
+            return (f"stream {stream.index}",) * 2
+    return None
 
 
 # ----- option specs --------------------------------------------------------------------
