@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from rescompile.ir._kinds import OpKind, ParamSlots, kind_of_onnx_op, onnx_param_slots
+from rescompile.ir._kinds import OpKind, ParamSlots
+from rescompile.ir.ops import is_pure, kind_of_onnx_op, onnx_param_slots
 
 __all__ = ["Usage", "Value", "Node", "Graph", "IRError"]
 
@@ -380,14 +381,17 @@ class Graph:
             self._value_names.discard(out.name)
 
     def remove_dead(self, *, initializers: bool = False) -> int:
-        """Remove nodes none of whose outputs are used; returns how many were removed.
+        """Remove pure nodes none of whose outputs are used; returns how many were removed.
+
+        Nodes that mutate a tensor or draw random numbers, and ops the op table does not know,
+        stay: their effect is not in their outputs.
 
         Args:
             initializers: also drop initializers that nothing uses any more.
         """
         removed = 0
         for node in self.reversed():
-            if all(not out._uses and out not in self._output_set for out in node.outputs):
+            if all(not out._uses and out not in self._output_set for out in node.outputs) and is_pure(node):
                 self.remove(node)
                 removed += 1
         if initializers:
