@@ -45,6 +45,13 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _torch_options(fn):
+    fn = click.option("--dynamic-timeout", type=float, default=None, metavar="SECONDS",
+                      help="Bound on the dynamic-shape capture of a pickled module before falling back "
+                           "to static shapes (default 20).")(fn)
+    fn = click.option("--dynamic/--static", "dynamic", default=None,
+                      help="Capture a pickled module with dynamic dims (waits however long torch.export "
+                           "takes) or with the example's static shapes; default: try dynamic within "
+                           "--dynamic-timeout, then static with a warning.")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Allow loading a pickled module from .pt/.pth (unpickling runs code).")(fn)
     fn = click.option("--example-inputs", "example_file", type=click.Path(path_type=Path),
@@ -58,6 +65,18 @@ def _tolerance_options(fn):
     fn = click.option("--atol", default=DEFAULT_ATOL, show_default=True, type=float,
                       help="Absolute tolerance, times max(1, max|original|) of each output.")(fn)
     return fn
+
+
+def _capture(dynamic: bool | None, timeout: float | None) -> dict:
+    """--dynamic/--static and --dynamic-timeout as load() arguments (absent: the frontend's default)."""
+    out = {}
+    if dynamic is not None:
+        out["dynamic"] = dynamic
+    if timeout is not None:
+        if timeout <= 0:
+            raise RescompileError(f"--dynamic-timeout must be > 0 seconds, not {timeout:g}")
+        out["dynamic_timeout"] = timeout
+    return out
 
 
 def _load_examples(path: Path | None):
@@ -77,10 +96,12 @@ def _load_examples(path: Path | None):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @_torch_options
-def inspect(model: Path, as_json: bool, trust_pickle: bool, example_file: Path | None) -> None:
+def inspect(model: Path, as_json: bool, trust_pickle: bool, example_file: Path | None, dynamic: bool | None,
+            dynamic_timeout: float | None) -> None:
     """Show where MODEL's residual connections are (.onnx, .pt2, or .pt/.pth with --trust-pickle)."""
     from rescompile.api import inspect as inspect_model
-    report = inspect_model(model, _load_examples(example_file), trust_pickle=trust_pickle)
+    report = inspect_model(model, _load_examples(example_file), trust_pickle=trust_pickle,
+                           **_capture(dynamic, dynamic_timeout))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -112,7 +133,8 @@ def _same_file(a: Path, b: Path) -> bool:
 @_torch_options
 @click.pass_context
 def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, rtol: float, dims,
-          no_check: bool, trust_pickle: bool, example_file: Path | None) -> None:
+          no_check: bool, trust_pickle: bool, example_file: Path | None, dynamic: bool | None,
+          dynamic_timeout: float | None) -> None:
     """Rewrite MODEL with passes and write the result to OUTPUT.
 
     ONNX models give ONNX; torch programs (.pt2, or .pt/.pth with --trust-pickle)
@@ -126,6 +148,7 @@ def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float,
     if output.suffix not in allowed:
         raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}")
     compiled = compile_model(model, specs, example_inputs=_load_examples(example_file), trust_pickle=trust_pickle,
+                             **_capture(dynamic, dynamic_timeout),
                              output=output, check=not no_check, verify_each_pass=ctx.obj["debug"],
                              validate=do_validate, tolerance=Tolerance(atol, rtol), dims=_parse_dims(dims))
     console = make_console()

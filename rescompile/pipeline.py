@@ -33,7 +33,8 @@ def is_torch_module(model: Any) -> bool:
 
 
 def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-         trust_pickle: bool = False, dynamic: Any = None) -> Graph:
+         trust_pickle: bool = False, dynamic: bool | str | None = None,
+         dynamic_timeout: float | None = None) -> Graph:
     """Import `model` into the IR.
 
     Args:
@@ -43,12 +44,14 @@ def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None 
         example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
             positional inputs or a dict of keyword inputs.
         trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
-        dynamic: how torch modules are captured (see
-            `rescompile.frontends.torch.import_module`); None takes its default.
+        dynamic: how torch modules are captured: True (dynamic dims, however long
+            torch.export takes), False (the example's static shapes, about twice as
+            fast), "auto" (dynamic within `dynamic_timeout` seconds, default 20, then
+            static with one warning line); None takes the frontend's default, "auto".
     """
     if isinstance(model, Graph):
         return model
-    capture = {} if dynamic is None else {"dynamic": dynamic}
+    capture = {k: v for k, v in (("dynamic", dynamic), ("dynamic_timeout", dynamic_timeout)) if v is not None}
     if is_torch_module(model):
         from rescompile.frontends.torch import import_module
         return import_module(model, example_inputs, example_kwargs, **capture)
@@ -124,14 +127,15 @@ class CompileResult:
 
 def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase, *,
                   example_inputs: Any = None, example_kwargs: dict | None = None,
-                  trust_pickle: bool = False, dynamic: Any = None, output: str | os.PathLike | None = None,
+                  trust_pickle: bool = False, dynamic: bool | str | None = None,
+                  dynamic_timeout: float | None = None, output: str | os.PathLike | None = None,
                   check: bool = True, verify_each_pass: bool = False, validate: bool = False,
                   compare_with_changed: bool = False, tolerance: Tolerance = DEFAULT_TOLERANCE,
                   dims: Mapping[str, int] | None = None) -> CompileResult:
     """Load `model`, run `passes`, export, and optionally validate against the input.
 
     Args:
-        model, example_inputs, example_kwargs, trust_pickle, dynamic: see `load`.
+        model, example_inputs, example_kwargs, trust_pickle, dynamic, dynamic_timeout: see `load`.
         passes: spec strings or pass objects, run in order, each in a transaction.
         output: write here (ONNX: atomically, with external data as the input had;
             torch graphs: `.pt2` or `.onnx` by suffix); None returns the exported object.
@@ -147,7 +151,7 @@ def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     graph = load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle,
-                 dynamic=dynamic)
+                 dynamic=dynamic, dynamic_timeout=dynamic_timeout)
     timings["load"] = time.perf_counter() - t0
     # Modules are exported from the graph only after the passes: keep the reference now.
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 import torch
 
 from rescompile.cli import main
-from rescompile.validation import run_onnx
+from rescompile.validation import assert_close, run_onnx
 from tools.models import build
 
 
@@ -19,12 +19,12 @@ def test_pt2_inspect_apply_to_pt2_and_onnx(tmp_path, capsys):
     case, path = save_pt2(tmp_path)
     before = path.read_bytes()
     assert main(["inspect", str(path)]) == 0
-    assert "4 residual sites (3 identity, 1 projection) in 1 streams" in capsys.readouterr().out
+    assert "4 residual sites (3 identity, 1 projection) in 2 streams" in capsys.readouterr().out
     assert main(["apply", str(path), "-p", "rezero", "-o", str(tmp_path / "o.pt2"), "--validate"]) == 0
-    assert "validate: outputs within atol=1e-05" in capsys.readouterr().out
+    assert "validate: outputs within tolerance atol=1e-05 (x max|want|) rtol=0.0001" in capsys.readouterr().out
     program = torch.export.load(str(tmp_path / "o.pt2"))
     with torch.no_grad():
-        assert torch.allclose(program.module()(*case.args), case.module(*case.args), atol=1e-6)
+        assert_close(program.module()(*case.args), case.module(*case.args))
     assert main(["apply", str(path), "-p", "rezero:init=0", "-o", str(tmp_path / "o.onnx")]) == 0
     (got,) = run_onnx(str(tmp_path / "o.onnx"), {"x": case.args[0].numpy()}).values()
     assert got.shape == tuple(case.module(*case.args).shape)
@@ -53,3 +53,16 @@ def test_unreadable_pt2_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "bad.pt2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a readable torch.export program" in err[0]
+
+
+def test_capture_mode_flags(tmp_path, capsys):
+    case = build("residual_mlp")
+    torch.save(case.module, tmp_path / "m.pt")
+    torch.save(case.args, tmp_path / "inputs.pt")
+    common = [str(tmp_path / "m.pt"), "--trust-pickle", "--example-inputs", str(tmp_path / "inputs.pt")]
+    assert main(["inspect", *common, "--static"]) == 0
+    assert "3 residual sites" in capsys.readouterr().out
+    assert main(["inspect", *common, "--dynamic", "--dynamic-timeout", "60"]) == 0
+    assert main(["inspect", *common, "--dynamic-timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dynamic-timeout must be > 0" in err

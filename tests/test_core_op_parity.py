@@ -207,8 +207,6 @@ def test_core_op_agrees_in_torch_and_onnx_runtime(op):
             raise AssertionError(f"{op} [{case.id}]: {exc}") from None
 
 
-@pytest.mark.xfail(strict=True, reason="the torch exporter turns every integer constant of up to 8 "
-                   "elements into a flat Python list, also where it is data (shape and rank lost)")
 @pytest.mark.parametrize("op, case", [
     ("Sub", Case("int-const", [inp(i64(1, -2, 3)), const(i64(7))])),
     ("Gather", Case("scalar-const", [inp(f32(5, 3)), const(np.array(2, np.int64))])),

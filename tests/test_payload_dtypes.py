@@ -211,8 +211,6 @@ def test_torch_fold_rounds_once_to_the_weights_dtype(dtype):
         np.testing.assert_allclose(out(x).float(), scaled(x).float(), atol=atol)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="frontends/torch.py _tensor: torch.from_numpy "
-                   "cannot read a numpy (ml_dtypes) bfloat16 array, so new bf16 parameters fail to export")
 def test_torch_bf16_new_parameters_export():
     module = _stack(torch.bfloat16)
     x = torch.randn(2, 4, D, dtype=torch.bfloat16)

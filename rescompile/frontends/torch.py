@@ -5,9 +5,14 @@ GraphModule (`ep.module()`) has parameters as `get_attr` nodes under their
 original names and pytree input/output specs, the same shape that
 `torch.fx.symbolic_trace` (the fallback) produces, so one importer serves both.
 Each fx node becomes an IR node of domain "torch" that keeps its fx op, target
-and an argument template (fx nodes replaced by input slots), so export is
-lossless. Parameters and buffers become initializers holding the original
-tensors (no copy).
+and an argument template (fx nodes replaced by input slots, constant arguments
+by references to node attributes), so export is lossless. Constant arguments
+(eps, normalized_shape, groups, split sizes, dims) are node attributes under
+their schema names, and `scaled_dot_product_attention` gets `num_heads`. An op
+that returns a tuple read through getitems (native_layer_norm, split, unbind,
+max_pool2d_with_indices, var_mean...) becomes one node with one output per
+element, unused ones included; export indexes the tuple again. Parameters and
+buffers become initializers holding the original tensors (no copy).
 
 Export: a fresh `torch.fx.GraphModule` whose parameters and buffers keep their
 fully qualified names; new parameters made by passes become `nn.Parameter`s
@@ -27,6 +32,7 @@ import re
 import warnings
 from typing import Any
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy for astype("bfloat16")
 import numpy as np
 import torch
 from torch import fx, nn
@@ -35,6 +41,7 @@ from rescompile.errors import RescompileError
 from rescompile.frontends._torch_core import CORE_OPS
 from rescompile.frontends._torch_kinds import kind_of_torch_target, torch_param_slots
 from rescompile.ir import CONST, PARAM, Graph, Node, OpKind, Value
+from rescompile.ir.ops import Role, input_roles
 
 __all__ = ["TorchSource", "capture", "import_graph_module", "import_module", "export_module",
            "load_pt2", "normalize_example_inputs"]
@@ -60,6 +67,14 @@ class _Slot:
     """Stands for input `index` of the IR node in an argument template."""
 
     index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attr:
+    """Stands for attribute `name` of the IR node in an argument template, so that a pass that
+    changes the attribute (a split size, normalized_shape) changes the exported call too."""
+
+    name: str
 
 
 def normalize_example_inputs(example_inputs: Any, example_kwargs: dict | None = None):
@@ -106,24 +121,115 @@ def _auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict |
     return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
-def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool = True) -> tuple[fx.GraphModule, str]:
+DYNAMIC_CAPTURE_TIMEOUT_S = 20.0
+"""How long `dynamic="auto"` lets torch.export solve symbolic shapes before capturing static
+shapes instead (torchvision Swin-T on 2 busy cores: 1420 s dynamic, 23 s static)."""
+
+logger = logging.getLogger("rescompile.torch")
+
+
+class _CaptureTimeout(BaseException):
+    """Raised by the alarm in the middle of torch.export; a BaseException so that torch's own
+    `except Exception` handlers do not swallow it."""
+
+
+# Where the alarm may interrupt torch.export: the symbolic shape solver, whose state dies with
+# the failed export. Elsewhere (imports, cleanup in __exit__) it waits for the solver.
+_SOLVER_MODULES = ("sympy", "torch.utils._sympy", "torch.fx.experimental.symbolic_shapes")
+_RETRY_S = 0.05
+
+
+def _in_solver(frame) -> bool:
+    """The innermost frame is the shape solver's, and no import or __exit__ is on the stack."""
+    if not frame.f_globals.get("__name__", "").startswith(_SOLVER_MODULES):
+        return False
+    while frame is not None:
+        if frame.f_code.co_name == "__exit__" or frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float | None):
+    """Raise _CaptureTimeout in this thread after `seconds`, at the next point where the
+    shape solver runs (SIGALRM: the solver is Python, so the handler runs between bytecodes).
+    Interrupting an import or a context manager's exit would leave torch's global state
+    broken for the static capture that follows. No bound off the main thread or without
+    SIGALRM; a Python handler and timer already installed are restored, with the time they had
+    left."""
+    import signal
+    import threading
+    import time
+    main = threading.current_thread() is threading.main_thread()
+    # getsignal() is None for a handler installed outside Python, which could not be restored.
+    usable = hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is not None
+    if seconds is None or not main or not usable:
+        yield
+        return
+
+    def fire(signum, frame):
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)  # again until the bound ends, should torch swallow it
+        if _in_solver(frame):
+            raise _CaptureTimeout
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    outer_left, outer_interval = signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            left = max(outer_left - (time.monotonic() - start), 1e-6)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool | str = "auto",
+            dynamic_timeout: float | None = None) -> tuple[fx.GraphModule, str]:
     """Capture `module` as a GraphModule.
 
     torch.export (non-strict) with dynamic dims first, so the rewritten module
     accepts other batch sizes and sequence lengths; then torch.export with static
     shapes; then torch.fx.symbolic_trace.
+
+    Args:
+        dynamic: "auto" bounds the dynamic attempt by `dynamic_timeout` (symbolic shape
+            solving can take minutes, e.g. on Swin) and then captures static shapes, with
+            one warning; True waits for it however long it takes; False captures the
+            example shapes only.
+        dynamic_timeout: seconds for "auto"; default DYNAMIC_CAPTURE_TIMEOUT_S.
     """
     if not isinstance(module, nn.Module):
         raise RescompileError(f"expected an nn.Module, got {type(module).__name__}")
+    from torch.utils import _pytree as pytree
+    if dynamic not in (True, False, "auto"):
+        raise RescompileError(f"dynamic={dynamic!r}: use True, False or 'auto'")
     name = type(module).__name__
     shapes = _auto_dynamic_shapes(module, args, kwargs) if dynamic else None
     if shapes is not None:
+        bound = (DYNAMIC_CAPTURE_TIMEOUT_S if dynamic_timeout is None else dynamic_timeout) \
+            if dynamic == "auto" else None
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        marks = [(t, dict(vars(t))) for t in tensors]
         try:
-            with _quiet():
+            with _quiet(), _time_bound(bound):
                 return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False).module(), \
                     "torch.export"
+        except _CaptureTimeout:
+            # One line: the CLI shows it through logging's last-resort handler (or -v's format).
+            logger.warning("rescompile: warning: dynamic-shape capture of %s stopped after %g s; captured "
+                           "the example's static shapes instead (dynamic=True waits, dynamic=False skips it)",
+                           name, bound)
         except Exception:
             pass  # some models only export with static shapes
+        # A failed torch.export leaves its dim markers (_dynamo_*) on the input tensors, and
+        # the static capture would read them and make those dims dynamic again.
+        for tensor, attrs in marks:
+            for key in vars(tensor).keys() - attrs.keys():
+                delattr(tensor, key)
+            vars(tensor).update(attrs)
     try:
         with _quiet():
             ep = torch.export.export(module, args, kwargs, strict=False)
@@ -207,12 +313,12 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
 
 
 def import_module(module: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
-                  dynamic: bool = True) -> Graph:
-    """Capture and import an nn.Module (see `capture`)."""
+                  dynamic: bool | str = "auto", dynamic_timeout: float | None = None) -> Graph:
+    """Capture and import an nn.Module (see `capture` for `dynamic` and `dynamic_timeout`)."""
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     if not args and not kwargs:
         raise RescompileError(f"{type(module).__name__}: example_inputs are needed to trace an nn.Module")
-    gm, method = capture(module, args, kwargs, dynamic=dynamic)
+    gm, method = capture(module, args, kwargs, dynamic=dynamic, dynamic_timeout=dynamic_timeout)
     graph = import_graph_module(gm, method=method, module_name=type(module).__name__,
                                 training=module.training)
     graph.source.example_args, graph.source.example_kwargs = args, kwargs
@@ -285,6 +391,68 @@ def _keeps_last_axis(n: fx.Node) -> bool | None:
     return None
 
 
+def _tuple_picks(n: fx.Node) -> dict[fx.Node, int] | None:
+    """{getitem user: output index} when `n` returns a flat tuple or list read only through
+    constant-index getitems (native_layer_norm, split, max_pool2d_with_indices, var_mean...):
+    the IR node then gets one output per element, unused ones included, as ONNX ops have."""
+    val = n.meta.get("val")
+    if not isinstance(val, (tuple, list)) or not val or not n.users:
+        return None
+    picks = {}
+    for user in n.users:
+        if user.target is not operator.getitem or user.args[0] is not n or not isinstance(user.args[1], int):
+            return None
+        picks[user] = user.args[1] % len(val)
+    return picks
+
+
+def _argument_names(target: Any) -> list[str] | None:
+    """Positional parameter names of an aten op (its schema) or a Python function."""
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return [a.name for a in schema.arguments]
+    if not callable(target) or isinstance(target, str):
+        return None
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for param in params:
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(param.name)
+    return names
+
+
+# Attributes the importer itself sets on a torch node; never argument names.
+_TEMPLATE_KEYS = frozenset({"fx_op", "target", "args", "kwargs", "module", "returns_tuple"})
+
+
+def _lift_attributes(n: fx.Node, args_t: tuple, kwargs_t: dict, attrs: dict) -> tuple[tuple, dict]:
+    """Move constant arguments (eps, normalized_shape, groups, split sizes, dims...) into
+    `attrs` under their parameter names, where analysis and passes read them, leaving _Attr
+    references in the template. Arguments that hold a tensor or a symbolic size stay there."""
+    def liftable(name, value):
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(value, nodes.append)
+        return name not in _TEMPLATE_KEYS and value is not None and not nodes
+
+    names = _argument_names(n.target) if n.op == "call_function" else None
+    args_t, kwargs_t = list(args_t), dict(kwargs_t)
+    for i, (name, value) in enumerate(zip(names or (), n.args)):
+        if liftable(name, value):
+            attrs[name], args_t[i] = value, _Attr(name)
+    for name, value in n.kwargs.items():
+        if liftable(name, value):
+            attrs[name], kwargs_t[name] = value, _Attr(name)
+    if "scaled_dot_product" in str(n.target) and isinstance(n.args[0], fx.Node):
+        query = n.args[0].meta.get("val")
+        if isinstance(query, torch.Tensor) and query.dim() == 4 and isinstance(_dim(query.shape[1]), int):
+            attrs.setdefault("num_heads", int(query.shape[1]))  # (batch, heads, length, head_dim)
+    return tuple(args_t), kwargs_t
+
+
 def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_name: str = "",
                         training: bool = False) -> Graph:
     """Convert a GraphModule (from torch.export's `ep.module()` or torch.fx) into the IR."""
@@ -332,6 +500,8 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
             initializer_by_target[n.target] = value
             env[n] = value
         elif n.op in ("call_function", "call_method", "call_module"):
+            if n in env:
+                continue  # a getitem of a multi-output node: already that node's output
             inputs: list[Value] = []
 
             def slot(arg: fx.Node) -> _Slot:
@@ -341,13 +511,25 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
             args_t = fx.node.map_arg(n.args, slot)
             kwargs_t = fx.node.map_arg(n.kwargs, slot)
             kinds[n] = _node_kind(n, gm, kinds)
-            attrs = {"fx_op": n.op, "target": n.target, "args": args_t, "kwargs": kwargs_t}
+            attrs = {"fx_op": n.op, "target": n.target}
+            args_t, kwargs_t = _lift_attributes(n, args_t, kwargs_t, attrs)
+            attrs.update(args=args_t, kwargs=kwargs_t)
             if n.op == "call_module":
                 attrs["module"] = _resolve_attr(gm, n.target)
             op_type = n.target if isinstance(n.target, str) else str(
                 getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
+            picks = _tuple_picks(n)
+            if picks is None:
+                vals, names = [n.meta.get("val")], [n.name]
+            else:
+                attrs["returns_tuple"] = True
+                named: dict[int, str] = {}
+                for user, index in picks.items():
+                    named.setdefault(index, user.name)  # outputs keep the names of the getitems they replace
+                vals = n.meta["val"]
+                names = [named.get(i, f"{n.name}_out{i}") for i in range(len(vals))]
             node = Node(op_type, inputs, domain="torch", attrs=attrs, kind=kinds[n], name=n.name,
-                        output_names=[n.name])
+                        num_outputs=len(names), output_names=names)
             keeps = _keeps_last_axis(n)
             if keeps is not None:
                 node.meta["keeps_last_axis"] = keeps
@@ -355,12 +537,15 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                 slots = torch_param_slots(n.target, n.args, lambda a: isinstance(a, fx.Node))
                 if slots is not None:
                     node.meta["param_slots"] = slots
-            dtype, shape = _val_info(n.meta.get("val"))
-            node.outputs[0].dtype, node.outputs[0].shape = dtype, shape
+            for out, val in zip(node.outputs, vals):
+                out.dtype, out.shape = _val_info(val)
             if "nn_module_stack" in n.meta:
                 node.meta["torch.module_path"] = next(reversed(n.meta["nn_module_stack"].values()))[0]
             graph.append(node)
-            env[n] = node.outputs[0]
+            if picks is None:
+                env[n] = node.outputs[0]
+            else:
+                env.update((user, node.outputs[index]) for user, index in picks.items())
         elif n.op == "output":
             outputs: list[Value] = []
 
@@ -395,6 +580,8 @@ def _tensor(payload: Any, dtype: str | None) -> torch.Tensor:
     array = np.asarray(payload)
     if dtype is not None and array.dtype.name != dtype:
         array = array.astype(dtype)
+    if array.dtype.name == "bfloat16":  # numpy's bfloat16 is ml_dtypes': torch reads its bits
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.array(array, copy=True))
 
 
@@ -456,7 +643,8 @@ def export_module(graph: Graph) -> fx.GraphModule:
     for node in graph:
         ins = [env[v] if v is not None else None for v in node.inputs]
         if node.domain == "torch":
-            fill = lambda s: ins[s.index] if isinstance(s, _Slot) else s  # noqa: E731
+            def fill(s, node=node, ins=ins):
+                return ins[s.index] if isinstance(s, _Slot) else node.attrs[s.name] if isinstance(s, _Attr) else s
             args = fx.node.map_aggregate(node.attrs["args"], fill)
             kwargs = fx.node.map_aggregate(node.attrs["kwargs"], fill)
             op = node.attrs["fx_op"]
@@ -467,19 +655,30 @@ def export_module(graph: Graph) -> fx.GraphModule:
                 fx_node = fxg.create_node(op, node.attrs["target"], args, kwargs, name=node.name)
         elif node.domain in ("", "ai.onnx") and node.op_type in CORE_OPS and len(node.outputs) == 1:
             attrs = {k: getattr(v, "value", v) for k, v in node.attrs.items()}
-            # Small integer constants (axes, shapes) go in as Python values, not buffers.
-            args = tuple(_python_constant(v) if _is_small_int_const(v) else x for v, x in zip(node.inputs, ins))
+            # Shape-like constants (axes, shapes, slice bounds) go in as Python values, not buffers;
+            # integer constants that are data (Gather indices, an operand of Sub) stay tensors.
+            roles = input_roles(node) or ()
+            args = tuple(_python_constant(v) if i < len(roles) and roles[i] in _SHAPE_ROLES and _is_small_int_const(v)
+                         else x for i, (v, x) in enumerate(zip(node.inputs, ins)))
             fx_node = fxg.call_function(CORE_OPS[node.op_type], args, attrs)
         else:
             raise RescompileError(f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
                                   "form; export this model to ONNX instead")
-        env[node.outputs[0]] = fx_node
+        if node.attrs.get("returns_tuple"):
+            for i, out in enumerate(node.outputs):
+                if out.uses() or out.is_graph_output:
+                    env[out] = fxg.create_node("call_function", operator.getitem, (fx_node, i), name=out.name)
+        else:
+            env[node.outputs[0]] = fx_node
     fxg.output(fx.node.map_aggregate(source.output_template,
                                      lambda s: env[graph.outputs[s.index]] if isinstance(s, _Slot) else s))
     fxg._codegen = source.codegen
     gm = fx.GraphModule(root, fxg, class_name="RescompiledModule")
     gm.train(source.training)
     return gm
+
+
+_SHAPE_ROLES = frozenset({Role.SHAPE, Role.AXES, Role.STARTS, Role.ENDS, Role.STEPS, Role.SIZES})
 
 
 def _is_small_int_const(value: Value | None) -> bool:
