@@ -20,7 +20,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)
         base = ResidualMLP().eval()
         x = torch.randn(2, 5, 16)
-        model = rescompile.apply(base, ["rezero:init=0.5"], (x,))
+        model = rescompile.apply(base, ["rezero:init=0.5"], (x,), dynamic=True)  # trained on batch 4
         model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
