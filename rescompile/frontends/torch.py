@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from rescompile.errors import RescompileError
 from rescompile.frontends._torch_core import CORE_OPS
-from rescompile.frontends._torch_kinds import kind_of_torch_target, torch_param_slots
+from rescompile.frontends._torch_kinds import kind_of_torch_target
 from rescompile.ir import CONST, PARAM, Graph, Node, OpKind, Value
 from rescompile.ir.ops import Role, input_roles
 
@@ -533,10 +533,6 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
             keeps = _keeps_last_axis(n)
             if keeps is not None:
                 node.meta["keeps_last_axis"] = keeps
-            if n.op == "call_function" and not n.kwargs:
-                slots = torch_param_slots(n.target, n.args, lambda a: isinstance(a, fx.Node))
-                if slots is not None:
-                    node.meta["param_slots"] = slots
             for out, val in zip(node.outputs, vals):
                 out.dtype, out.shape = _val_info(val)
             if "nn_module_stack" in n.meta:

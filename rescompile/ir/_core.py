@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rescompile.ir._kinds import OpKind, ParamSlots
-from rescompile.ir.ops import is_pure, kind_of_onnx_op, onnx_param_slots
+from rescompile.ir.ops import call_of, is_pure, kind_of_onnx_op, param_slots
 
 __all__ = ["Usage", "Value", "Node", "Graph", "IRError"]
 
@@ -158,12 +158,11 @@ class Node:
 
     @property
     def param_slots(self) -> ParamSlots | None:
-        """Where this op's parameters are (set by the frontend; derived for core ops)."""
+        """Where this op's parameters are, from the op table (a frontend may override in meta)."""
         if "param_slots" in self.meta:
             return self.meta["param_slots"]
-        if self.domain in ("", "ai.onnx"):
-            return onnx_param_slots(self.op_type, self.attrs)
-        return None
+        call = call_of(self)
+        return None if call is None else param_slots(call)
 
     @property
     def output(self) -> Value:
