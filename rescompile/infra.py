@@ -20,6 +20,7 @@ from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, Residu
 from rescompile.errors import RescompileError
 from rescompile.ir import Graph, IRError, verify
 from rescompile.ir._transaction import transaction
+from rescompile.ir.shapes import infer_shapes
 
 __all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
            "option_table", "sites_option", "streams_option", "select_streams"]
@@ -238,9 +239,11 @@ class PassManager:
             start = time.perf_counter()
             try:
                 with transaction(graph):
+                    before = set(graph)
                     result = pass_.call(graph)
                     if pass_.in_place and result.graph is not graph:
                         raise PassError("claims to be in place but returned a new graph")
+                    _infer_new_shapes(result.graph, before)
                     if self.check:
                         try:
                             verify(result.graph)
@@ -256,6 +259,18 @@ class PassManager:
             logger.info("%s: modified=%s %s", pass_.name, result.modified, result.stats)
             done.append(pass_.name)
         return PassResult(graph, modified, stats)
+
+
+def _infer_new_shapes(graph: Graph, before: set) -> None:
+    """Shapes and dtypes of the nodes a pass created, from the op table. Where the pass also set
+    one by hand and the two disagree, the pass built something other than it meant: fail."""
+    created = [node for node in graph if node not in before]
+    if not created:
+        return
+    report = infer_shapes(graph, only=created)
+    if report.conflicts:
+        c = report.conflicts[0]
+        raise PassError(f"{c.node} makes {c.value} with {c.what} {c.existing}, but its op gives {c.inferred}")
 
 
 def _failure_message(pass_: PassBase, done: list[str], exc: Exception) -> str:
