@@ -1683,6 +1683,8 @@ def _onnx_ops() -> dict[str, OpInfo]:
         "Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor Not",
         OpInfo(OpKind.OTHER, (Arg("A", Role.DATA), Arg("B", Role.DATA)), axes=_elementwise),
     )
+    add("IsNaN IsInf", OpInfo(OpKind.OTHER, (data,), ("detect_negative", "detect_positive"), axes=_unary))
+    add("Mod", OpInfo(OpKind.OTHER, (Arg("A", Role.DATA), Arg("B", Role.DATA)), ("fmod",), axes=_elementwise))
     add(
         "Pad",
         OpInfo(
