@@ -22,6 +22,8 @@ def test_exact_residual_counts(onnx_model, name, exporter):
     assert len(analysis.streams) == case.streams
     if case.norm:
         assert {s.norm for s in analysis.sites} <= {case.norm}
+    if case.stream_lengths:
+        assert tuple(len(s.sites) for s in analysis.streams) == case.stream_lengths
     # Depth indices run 0..n-1 along each stream, in topological order.
     for stream in analysis.streams:
         assert [s.depth for s in stream.sites] == list(range(len(stream.sites)))
@@ -75,14 +77,27 @@ def test_projection_shortcut_is_the_cheap_side(onnx_model):
     # The fork feeds both sides; the skip holds the 1x1 conv (16*8 weights + BN),
     # the branch holds two 3x3 convs.
     assert proj.branch_params == 16 * 8 * 9 + 16 * 16 * 9
-    assert proj.depth == 2
+    assert (proj.stream, proj.depth) == (1, 0)  # the strided projection starts a stream
     assert proj.fork.producer.op_type == "Relu"
+    assert proj.fork is analysis.streams[0].sites[-1].output.consumers()[0].outputs[0]
 
 
 def test_resnet50_projection_sites_start_each_stage(onnx_model):
     analysis = find_residuals(load_onnx(onnx_model("resnet50")))
-    depths = [s.depth for s in analysis.sites if s.kind == "projection"]
-    assert depths == [0, 3, 7, 13]  # stages of 3, 4, 6, 3 bottlenecks
+    projections = [(s.stream, s.depth) for s in analysis.sites if s.kind == "projection"]
+    assert projections == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert [len(s.sites) for s in analysis.streams] == [3, 4, 6, 3]  # stages of 3, 4, 6, 3 bottlenecks
+
+
+def test_class_attention_reads_the_stream_concatenated_with_the_class_token(onnx_model):
+    """cat(x_cls, x) joins the class token with the patch tokens without combining elements: the
+    class-attention branch is computed from the skip x_cls. The patch tokens do not continue into the
+    class token's stream (it holds other tokens too)."""
+    patches, cls = find_residuals(load_onnx(onnx_model("class_attention"))).streams
+    assert {s.skip.shape for s in patches.sites} == {(2, 5, 16)}
+    assert {s.skip.shape for s in cls.sites} == {(2, 1, 16)}
+    assert cls.sites[0].kind == "identity" and cls.sites[0].norm == "pre"
+    assert any(n.op_type == "Concat" for n in cls.sites[0].nodes)
 
 
 def test_class_token_can_be_a_skip(onnx_model):
@@ -98,17 +113,20 @@ def test_json_has_the_documented_fields(onnx_model):
     assert data["streams"][0]["sites"] == [r["add"] for r in data["residuals"]]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "class_attention"])
 @pytest.mark.parametrize("specs", [["laurel:variant=rw"], ["decay"], ["rezero", "layerscale", "gate"]])
-def test_sites_stay_visible_after_rewrites(onnx_model, specs):
+def test_sites_stay_visible_after_rewrites(onnx_model, name, specs):
     """A scaled skip (beta * x, alpha_l * x) or a gated branch is still the same residual site,
-    at the same depth, so later passes (fold, a second rewrite) find it."""
+    at the same depth, so later passes (fold, a second rewrite) find it; also where the stream is
+    a constant (the class token, a parameter)."""
     from rescompile.api import build_passes, run_passes
-    graph = load_onnx(onnx_model("gpt2"))
-    before = [(s.depth, s.kind, s.branch_params) for s in find_residuals(graph).sites]
+    graph = load_onnx(onnx_model(name))
+    before = find_residuals(graph)
     run_passes(graph, build_passes(specs))
     after = find_residuals(graph)
-    assert [(s.depth, s.kind, s.branch_params) for s in after.sites] == before
-    assert len(after.streams) == 1
+    assert [(s.stream, s.depth, s.kind, s.branch_params) for s in after.sites] == \
+        [(s.stream, s.depth, s.kind, s.branch_params) for s in before.sites]
+    assert len(after.streams) == len(before.streams)
 
 
 def test_stacked_factors_fold_and_keep_the_function(onnx_model, tmp_path):
@@ -123,3 +141,54 @@ def test_stacked_factors_fold_and_keep_the_function(onnx_model, tmp_path):
     assert len(graph) == before + 4                  # laurel's skip weights stay (not on a branch)
     save_onnx(graph, tmp_path / "o.onnx")
     assert compare_onnx(str(src), str(tmp_path / "o.onnx"), atol=1e-5).ok
+
+
+def _chain_model(middle: str, first: str = "Relu"):
+    """x -> [x + W1 first(x)] -> middle -> [h + W2 relu(h)], as ONNX; `middle` and `first` are an op
+    type in the standard domain or "Foo", an op of a custom domain (no op-table entry)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def node(op, inputs, output):
+        domain = "custom.test" if op == "Foo" else ""
+        return helper.make_node(op, inputs, [output], domain=domain)
+    weights = [numpy_helper.from_array(np.full((4, 4), 0.1, np.float32), f"w{i}") for i in (1, 2)]
+    nodes = [node(first, ["x"], "a"), node("MatMul", ["a", "w1"], "b"), node("Add", ["x", "b"], "y"),
+             node(middle, ["y"], "h"), node("Relu", ["h"], "c"), node("MatMul", ["c", "w2"], "d"),
+             node("Add", ["h", "d"], "out")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])], weights)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("custom.test", 1)]
+    return onnx.helper.make_model(graph, opset_imports=opsets)
+
+
+def test_ops_without_a_table_entry_are_barriers():
+    """An op analysis knows nothing about may hide weights or mix in other data: a stream does not
+    continue through it, a branch is not followed through it, and the analysis names it."""
+    streams = find_residuals(load_onnx(_chain_model("Relu"))).streams
+    assert [len(s.sites) for s in streams] == [2]
+    analysis = find_residuals(load_onnx(_chain_model("Foo")))
+    assert [len(s.sites) for s in analysis.streams] == [1, 1]
+    assert [n.op_type for n in analysis.opaque] == ["Foo"]
+    assert analysis.to_json()["opaque"] == [f"{analysis.opaque[0].name} (Foo)"]
+    # Before the branch's weighted op, it hides the site.
+    analysis = find_residuals(load_onnx(_chain_model("Relu", first="Foo")))
+    assert [s.output.name for s in analysis.sites] == ["out"]
+    assert [n.op_type for n in analysis.opaque] == ["Foo"]
+
+
+@pytest.mark.parametrize("branch_shape,found", [(["n", 4], 1), (["m", 4], 1), ([1, 4], 0), ([3, 4], 0)])
+def test_symbolic_dims_in_different_forms_are_one_size(branch_shape, found):
+    """x [n, 4] + W relu(x) declared [m, 4]: two symbols on one axis name one size (torch writes
+    `h*w//16` and `(h//4)*(w//4)` for the same axis); a fixed size against a symbol may broadcast."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["b"]),
+             helper.make_node("Add", ["x", "b"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(np.full((4, 4), 0.1, np.float32), "w")],
+                              value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, branch_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert len(find_residuals(load_onnx(model)).sites) == found

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelCase", "HF_CASES", "SYNTHETIC_CASES", "EXACT_NORM_CASES", "build", "export_onnx", "cached_onnx"]
+__all__ = ["DETECTION_CASES", "EXACT_NORM_CASES", "HF_CASES", "SYNTHETIC_CASES", "ModelCase", "build",
+           "cached_onnx", "export_onnx"]
 
 
 @dataclasses.dataclass
@@ -28,6 +30,8 @@ class ModelCase:
     streams: int = 1
     norm: str | None = None  # "pre" / "post" / "none" for every site, when uniform
     exporters: tuple[str, ...] = ("dynamo",)
+    stream_lengths: tuple[int, ...] | None = None  # sites per stream, in stream order, when known
+    dynamic_shapes: dict | None = None  # dims kept dynamic (torch.export form) by the dynamo ONNX export
 
 
 def _seed() -> None:
@@ -86,8 +90,8 @@ def resnet50_layout() -> ModelCase:
                          layer_type="bottleneck", num_channels=3)
     model = T.ResNetModel(cfg).eval()
     pixels = torch.randn(1, 3, 32, 32)
-    return ModelCase("resnet50", model, (), {"pixel_values": pixels}, sites=16, projection=4,
-                     norm="none", exporters=("dynamo", "legacy"))
+    return ModelCase("resnet50", model, (), {"pixel_values": pixels}, sites=16, projection=4, streams=4,
+                     norm="none", exporters=("dynamo", "legacy"), stream_lengths=(3, 4, 6, 3))
 
 
 class ResidualMLP(nn.Module):
@@ -192,6 +196,34 @@ class ClassTokenBlock(nn.Module):
         return cls + attn
 
 
+class ClassAttentionStack(nn.Module):
+    """CaiT's layout without timm: pre-norm blocks on the patch tokens, then class-attention blocks
+    whose attention branch reads cat(x_cls, x) and adds to the class token, each followed by a pre-norm
+    linear on the class token. Two streams: the patch tokens (`blocks` sites), the class token (2 per
+    class block)."""
+
+    def __init__(self, width: int = 16, blocks: int = 2, class_blocks: int = 2) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks + 2 * class_blocks))
+        self.fc = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks + class_blocks))
+        self.q = nn.ModuleList(nn.Linear(width, width) for _ in range(class_blocks))
+        self.kv = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(class_blocks))
+        self.blocks = blocks
+
+    def forward(self, x):
+        for i in range(self.blocks):
+            x = x + self.fc[i](torch.relu(self.norms[i](x)))
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        for j, (q, kv) in enumerate(zip(self.q, self.kv)):
+            u = self.norms[self.blocks + 2 * j](torch.cat([cls, x], dim=1))
+            k, v = kv(u).chunk(2, dim=-1)
+            attn = torch.softmax(q(u[:, :1]) @ k.transpose(-1, -2), dim=-1) @ v
+            cls = cls + attn
+            cls = cls + self.fc[self.blocks + j](self.norms[self.blocks + 2 * j + 1](cls))
+        return torch.cat([cls, x], dim=1)
+
+
 class ResidualCNN(nn.Module):
     """Basic blocks: two identity shortcuts, then a strided block with a 1x1
     projection shortcut, then one more identity block; post-activation."""
@@ -273,10 +305,111 @@ def class_token() -> ModelCase:
                      norm="pre", exporters=("dynamo", "legacy"))
 
 
+def class_attention() -> ModelCase:
+    _seed()
+    return ModelCase("class_attention", ClassAttentionStack().eval(), (torch.randn(2, 5, 16),), {}, sites=6,
+                     streams=2, norm="pre", exporters=("dynamo", "legacy"), stream_lengths=(2, 4))
+
+
 def residual_cnn() -> ModelCase:
     _seed()
     return ModelCase("residual_cnn", ResidualCNN().eval(), (torch.randn(1, 3, 16, 16),), {}, sites=4,
-                     projection=1, norm="none", exporters=("dynamo", "legacy"))
+                     projection=1, streams=2, norm="none", exporters=("dynamo", "legacy"),
+                     stream_lengths=(2, 2))
+
+
+class CroppedTokens(nn.Module):
+    """Pre-norm blocks whose branch pads the tokens, rolls them, reshapes with sizes read from the
+    input and crops `h[:, 1:t + 1]` back, as Swin's shifted-window attention does on its map. Captured
+    or exported with dynamic dims, the crop ends and reshape sizes are symbolic values computed from
+    the input's shape: they carry no data, and the residual must still be found."""
+
+    def __init__(self, width: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.fc = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x):
+        for norm, fc in zip(self.norms, self.fc):
+            b, t, c = x.shape
+            h = torch.roll(nn.functional.pad(norm(x), (0, 0, 1, 1)), 1, 1)
+            h = fc(h.view(b, -1, 2, c // 2).reshape(b, t + 2, c))
+            x = x + h[:, 1:t + 1]
+        return x
+
+
+def cropped_tokens() -> ModelCase:
+    _seed()
+    dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}}
+    return ModelCase("cropped_tokens", CroppedTokens().eval(), (torch.randn(2, 5, 8),), {}, sites=2,
+                     norm="pre", stream_lengths=(2,), dynamic_shapes=dims)
+
+
+# ----- torchvision / timm models (random weights, small configs; tests skip without the packages) -----
+
+def tv_swin() -> ModelCase:
+    """torchvision's Swin (Swin-T's blocks: shifted windows with pad, roll, window partition and merge
+    inside the attention branch), two stages of two blocks at width 16. 40x40 images give 10x10 and 5x5
+    maps, so windows of 4 need padding in both stages and both stages shift. Patch merging (a linear)
+    ends the first stream. The batch dim is dynamic: the window partition then reshapes with a symbolic
+    batch size, which hid the attention sites from the torch path."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    _seed()
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                            window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10).eval()
+    return ModelCase("tv_swin", model, (torch.randn(2, 3, 40, 40),), {}, sites=8, streams=2, norm="pre",
+                     stream_lengths=(4, 4), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+
+
+def hf_swin() -> ModelCase:
+    """Hugging Face's Swin (same blocks as torchvision's, different code), two stages of two blocks."""
+    import transformers as T
+    _seed()
+    cfg = T.SwinConfig(image_size=40, patch_size=4, num_channels=3, embed_dim=16, depths=[2, 2],
+                       num_heads=[2, 2], window_size=4, mlp_ratio=2.0)
+    model = T.SwinModel(cfg, add_pooling_layer=False).eval()
+    return ModelCase("hf_swin", model, (), {"pixel_values": torch.randn(1, 3, 40, 40)}, sites=8, streams=2,
+                     norm="pre", stream_lengths=(4, 4))
+
+
+def cait() -> ModelCase:
+    """timm's CaiT: 4 self-attention blocks on the patch tokens, then 2 class-attention blocks whose
+    attention branch reads cat(x_cls, x) and whose skip is the class token: 8 + 4 sites on two streams."""
+    from timm.models.cait import Cait
+    _seed()
+    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, depth_token_only=2,
+                 num_classes=10).eval()
+    return ModelCase("cait", model, (torch.randn(1, 3, 32, 32),), {}, sites=12, streams=2, norm="pre",
+                     stream_lengths=(8, 4))
+
+
+def tv_resnet18() -> ModelCase:
+    """torchvision ResNet-18: stage 1 keeps the stem's width (identity sites only), stages 2-4 start
+    with a strided projection shortcut: four streams of two."""
+    from torchvision.models import resnet18
+    _seed()
+    return ModelCase("tv_resnet18", resnet18(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), {},
+                     sites=8, projection=3, streams=4, norm="none", stream_lengths=(2, 2, 2, 2))
+
+
+def tv_resnet50() -> ModelCase:
+    """torchvision ResNet-50 (full width, 32x32 images): every stage starts with a projection shortcut."""
+    from torchvision.models import resnet50
+    _seed()
+    return ModelCase("tv_resnet50", resnet50(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), {},
+                     sites=16, projection=4, streams=4, norm="none", stream_lengths=(3, 4, 6, 3))
+
+
+def tv_regnet() -> ModelCase:
+    """torchvision RegNet-Y (squeeze-excitation inside the branch) at a small width: each stage starts
+    with a strided projection shortcut."""
+    from torchvision.models.regnet import BlockParams, RegNet
+    _seed()
+    params = BlockParams.from_init_params(depth=7, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
+    depths = tuple(params.depths)
+    model = RegNet(params, num_classes=10, stem_width=8).eval()
+    return ModelCase("tv_regnet", model, (torch.randn(1, 3, 32, 32),), {}, sites=sum(depths),
+                     projection=len(depths), streams=len(depths), norm="none", stream_lengths=depths)
 
 
 def _exact_norm(builder: Callable[..., ModelCase], name: str) -> Callable[[], ModelCase]:
@@ -300,11 +433,19 @@ HF_CASES: dict[str, Callable[[], ModelCase]] = {
 SYNTHETIC_CASES: dict[str, Callable[[], ModelCase]] = {
     "residual_mlp": residual_mlp, "plain_mlp": plain_mlp, "masked_attention": masked_attention,
     "class_token": class_token, "residual_cnn": residual_cnn, "preact_cnn": preact_cnn,
+    "class_attention": class_attention,
+}
+
+
+# Detection on real architectures beyond HF_CASES; torchvision and timm ones need those packages.
+DETECTION_CASES: dict[str, Callable[[], ModelCase]] = {
+    "tv_swin": tv_swin, "hf_swin": hf_swin, "cait": cait, "tv_resnet18": tv_resnet18,
+    "tv_resnet50": tv_resnet50, "tv_regnet": tv_regnet, "cropped_tokens": cropped_tokens,
 }
 
 
 def build(name: str) -> ModelCase:
-    return {**HF_CASES, **SYNTHETIC_CASES, **EXACT_NORM_CASES}[name]()
+    return {**HF_CASES, **SYNTHETIC_CASES, **EXACT_NORM_CASES, **DETECTION_CASES}[name]()
 
 
 def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dynamo",
@@ -322,7 +463,7 @@ def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dy
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset,
-                              input_names=names, verbose=False)
+                              input_names=names, verbose=False, dynamic_shapes=case.dynamic_shapes)
         elif exporter == "legacy":
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=names)

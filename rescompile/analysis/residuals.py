@@ -15,7 +15,20 @@ the skip flow through norms, activations and decomposed norms (x - mean(x) mixes
 x only with itself) but stops where it meets an unrelated tensor. That is what
 rejects `scores + mask`: the mask of layer 0 is an ancestor of every later
 layer's scores, but it meets the scores in an add, so no weighted op is reached
-from the mask alone. Edges into Shape/Size carry no data and are ignored.
+from the mask alone. Edges into Shape/Size carry no data and are ignored, and so
+are values computed from shapes alone (symbolic sizes, pad amounts, crop ends,
+ConstantOfShape): with dynamic dims `x[:, :H]` or `x.view(B, H // w, ...)` reads
+them, and they are not an unrelated tensor. A concatenation joins the closure when
+any input is in it: `cat(x_cls, x)` places x_cls next to other tokens without
+combining any element with them (CaiT's class attention, prefix tokens). An op
+without an entry in the op table (`rescompile.ir.ops`) is opaque: closures stop
+there and the analysis lists it (`ResidualAnalysis.opaque`) instead of guessing.
+
+Streams link a site to the next one through ops without parameters of their own
+only (norms, activations, dropout, reshapes; never through a concatenation with
+other tensors). A projection site starts a new stream: its weighted skip changes
+the stream's width or resolution (ResNet and RegNet stages), as a weighted op
+between two sites does (Swin's patch merging).
 
 Not reported, by construction: bias adds (the bias reaches nothing), token +
 position embeddings (Gather is not a weighted op), rotary adds and adds inside
@@ -35,8 +48,9 @@ import numpy as np
 
 from rescompile.ir import MIXING_FREE_KINDS, Graph, Node, OpKind, Value, data_inputs
 from rescompile.ir._core import PARAM
+from rescompile.ir.ops import op_info
 
-__all__ = ["ResidualSite", "ResidualStream", "ResidualAnalysis", "find_residuals", "only_read_by_norms"]
+__all__ = ["ResidualAnalysis", "ResidualSite", "ResidualStream", "find_residuals", "only_read_by_norms"]
 
 # A closure this large is not a residual branch's start; stop looking.
 _CLOSURE_LIMIT = 512
@@ -127,35 +141,57 @@ class ResidualStream:
 
 @dataclasses.dataclass(frozen=True)
 class ResidualAnalysis:
+    """Sites and streams, and `opaque`: the nodes without an op-table entry where a search stopped
+    (a site or stream continuing through one of them is not reported: analysis does not guess)."""
+
     sites: tuple[ResidualSite, ...]
     streams: tuple[ResidualStream, ...]
+    opaque: tuple[Node, ...] = ()
 
     def to_json(self) -> dict:
-        return {"residuals": [s.to_json() for s in self.sites],
+        data = {"residuals": [s.to_json() for s in self.sites],
                 "streams": [s.to_json() for s in self.streams]}
+        if self.opaque:
+            data["opaque"] = [f"{n.name} ({n.op_type})" for n in self.opaque]
+        return data
 
 
 class _Facts:
-    """Per-graph facts computed once: topological index, constness, parameter sizes."""
+    """Per-graph facts computed once: topological index, constness, parameter sizes.
+
+    Values computed from shapes alone (Shape/sym_size and arithmetic on their results, and tensors
+    made from a shape such as ConstantOfShape or new_zeros) carry no data of the tensor they were read
+    from. They are left out of the closures like constants: in a graph with dynamic dims, `x[:, :H]`,
+    `pad(x, [0, (w - W % w) % w])` and `x.view(B, H // w, ...)` read symbolic sizes, and counting those
+    as unrelated tensors cut every closure (shifted-window attention lost its sites)."""
 
     def __init__(self, graph: Graph) -> None:
         self.order = graph.node_order()
         # Parameter elements reachable through constant-only computation; None = not constant.
         self.param_size: dict[Value, int] = {}
+        self.shape_only: set[Value] = set()
         for value in graph.initializers.values():
             self.param_size[value] = _numel(value) if value.role == PARAM else 0
         for node in graph:
-            if node.kind is OpKind.SHAPE:
-                continue  # depends on runtime shapes
             ins = [v for v in node.inputs if v is not None]
-            if node.kind is OpKind.CONSTANT and not ins:
+            if node.kind is OpKind.SHAPE or (node.kind is OpKind.CONSTANT and ins):
+                self.shape_only.update(node.outputs)  # sizes, or a tensor filled from a shape
+                continue
+            if node.kind is OpKind.CONSTANT:
                 size = _constant_node_params(node)
-            elif ins and all(v in self.param_size for v in ins):
-                size = sum(self.param_size[v] for v in ins)
+            elif ins and all(v in self.param_size or v in self.shape_only for v in ins):
+                size = sum(self.param_size.get(v, 0) for v in ins)
+                if not size and any(v in self.shape_only for v in ins):
+                    self.shape_only.update(node.outputs)  # shape arithmetic
+                    continue
             else:
                 continue
             for out in node.outputs:
                 self.param_size[out] = size
+        # Ops without a table entry: closures stop there (recorded in `met`). Constness still flows
+        # through them: outputs computed from constants and shapes alone carry no data either way.
+        self.opaque = {node for node in graph if op_info(node) is None}
+        self.met: set[Node] = set()
         self.weighted: dict[Node, int] = {}
         for node in graph:
             if node.kind is OpKind.WEIGHTED:
@@ -164,11 +200,12 @@ class _Facts:
                     self.weighted[node] = params
 
     def is_const(self, value: Value) -> bool:
-        return value in self.param_size
+        """Whether `value` does not depend on the data of any graph input."""
+        return value in self.param_size or value in self.shape_only
 
     def live_inputs(self, node: Node) -> list[Value]:
         """Non-constant data inputs."""
-        return [v for v in data_inputs(node) if v not in self.param_size]
+        return [v for v in data_inputs(node) if not self.is_const(v)]
 
     def pos(self, value: Value) -> int:
         return -1 if value.producer is None else self.order[value.producer]
@@ -190,12 +227,18 @@ def _constant_node_params(node: Node) -> int:
     return int(size) if floating and size and size > 1 else 0
 
 
-def _closure(facts: _Facts, start: Value, stop: Node | None = None):
+def _closure(facts: _Facts, start: Value, stop: Node | None = None, *, concat: bool = False):
     """Forward closure of `start` through ops that read nothing but the closure.
 
     A path counts as normalised after a norm op, or after a decomposed norm: a
     reduction whose result rejoins the unreduced tensor (x - mean(x),
     x * rsqrt(mean(x^2))). A reduction that does not rejoin (pooling) does not count.
+
+    With `concat`, a concatenation joins when any of its inputs is in the closure: it places
+    the closure's values next to other tensors without combining any element with them, so
+    what a weighted op computes from `cat(x_cls, x)` or `cat(memory, x)` is computed from
+    each part (CaiT's class attention, prefix tokens). Residual detection uses this; stream
+    linking does not, since the stream does not continue into a tensor that also holds others.
 
     Returns:
         (values, weighted): each value in the closure mapped to whether its path
@@ -211,7 +254,14 @@ def _closure(facts: _Facts, start: Value, stop: Node | None = None):
             if node in seen_nodes or node is stop:
                 continue
             inside = [v for v in data_inputs(node) if v in values]
-            if not inside or any(v not in values for v in facts.live_inputs(node)):
+            if not inside:
+                continue
+            if any(v not in values for v in facts.live_inputs(node)) \
+                    and not (concat and node.kind is OpKind.CONCAT):
+                continue
+            if node in facts.opaque:
+                if any(out.consumers() or out.is_graph_output for out in node.outputs):
+                    facts.met.add(node)
                 continue
             seen_nodes.add(node)
             flags = [values[v] for v in inside]
@@ -276,14 +326,18 @@ def _between(facts: _Facts, start: Value, end: Value) -> list[Node]:
 
 
 def _same_shape(a: Value, b: Value, out: Value) -> bool:
+    """Whether the add does not broadcast. Two different symbolic dims are taken as equal: two
+    expressions may name one size (`h*w//16` and `(h//4)*(w//4)` after Swin's window reshapes), and
+    if they differed the add could not run unless one were 1. A fixed size and a symbolic one may
+    differ (the symbol may be 1 at run time)."""
     shapes = [v.shape for v in (a, b, out)]
     if any(s is None for s in shapes):
         return True  # unknown: let structure decide
     if len({len(s) for s in shapes}) != 1:
         return False
     for dims in zip(*shapes):
-        known = {d for d in dims if d is not None}
-        if len(known) > 1:
+        fixed = {d for d in dims if isinstance(d, int)}
+        if len(fixed) > 1 or (fixed and any(d is not None and not isinstance(d, int) for d in dims)):
             return False
     return True
 
@@ -293,12 +347,15 @@ def _unscaled(facts: _Facts, value: Value) -> Value:
 
     After `decay` or `laurel` multiply the skip, the branch is still computed
     from x, not from beta * x; looking through the scaling keeps such sites
-    visible to later passes (fold, a second rewrite)."""
+    visible to later passes (fold, a second rewrite). A constant stream (a class
+    token expanded from a parameter) is the operand with the product's shape."""
     for _ in range(4):
         node = value.producer
         if node is None or node.kind not in (OpKind.MUL, OpKind.DIV, OpKind.CAST, OpKind.IDENTITY):
             return value
         live = facts.live_inputs(node)
+        if not live and value.shape is not None:
+            live = [v for v in data_inputs(node) if v.shape == value.shape]
         if len(live) != 1 or len([v for v in node.inputs if v is not None]) > 2:
             return value
         if node.kind is OpKind.DIV and node.inputs[0] is not live[0]:
@@ -311,7 +368,7 @@ def _identity_site(facts: _Facts, add: Node, skip_index: int):
     """Return (normed, fork) when input `skip_index` is the skip of an identity site."""
     skip, branch = add.inputs[skip_index], add.inputs[1 - skip_index]
     for start in dict.fromkeys((skip, _unscaled(facts, skip))):
-        values, weighted = _closure(facts, start, stop=add)
+        values, weighted = _closure(facts, start, stop=add, concat=True)
         if branch in values:
             return None  # the branch is a function of the skip with no weighted op: x + f(x) inside an op
         for node in sorted(weighted, key=facts.order.__getitem__):
@@ -348,7 +405,7 @@ def _projection_site(facts: _Facts, add: Node):
             continue
         w_skip, fork = root
         other = add.inputs[1 - index]
-        _, weighted = _closure(facts, fork, stop=add)
+        _, weighted = _closure(facts, fork, stop=add, concat=True)
         for node in sorted(weighted, key=facts.order.__getitem__):
             if node is not w_skip and _is_ancestor(facts, node, other):
                 found.append((facts.weighted[w_skip], index, fork, weighted[node]))
@@ -390,17 +447,24 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
 
 
 def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:
+    """Chain each site to the first later site whose fork its output reaches through ops without
+    parameters of their own (norms, activations, dropout, reshapes), and mark post-norm sites.
+
+    A projection site starts a stream: its skip is a weighted op (a strided conv, a linear) on the
+    fork, so the stream's width or resolution changes there, as at every ResNet/RegNet stage. A
+    weighted op between two sites (Swin's patch merging, a stem) ends the closure and so the stream.
+    """
     by_fork: dict[Value, list[int]] = {}
     for i, site in enumerate(sites):
-        by_fork.setdefault(site.fork, []).append(i)
+        if site.kind != "projection":
+            by_fork.setdefault(site.fork, []).append(i)
     successor: dict[int, int] = {}
     has_pred: set[int] = set()
     post: set[int] = set()
     for i, site in enumerate(sites):
         values, _ = _closure(facts, site.output)
-        for value, normed in values.items():
-            if normed:
-                post.add(i)
+        if any(values.values()):
+            post.add(i)
         candidates = sorted((j for v in values for j in by_fork.get(v, ()) if j > i and j not in has_pred),
                             key=lambda j: facts.order[sites[j].add])
         if candidates:
@@ -447,7 +511,8 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
             final[i] = dataclasses.replace(sites[i], stream=index, depth=depth)
             members.append(final[i])
         streams.append(ResidualStream(index=index, sites=tuple(members)))
-    return ResidualAnalysis(sites=tuple(final[i] for i in range(len(sites))), streams=tuple(streams))
+    return ResidualAnalysis(sites=tuple(final[i] for i in range(len(sites))), streams=tuple(streams),
+                            opaque=tuple(sorted(facts.met, key=facts.order.__getitem__)))
 
 
 def only_read_by_norms(graph: Graph, value: Value) -> bool:
