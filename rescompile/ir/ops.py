@@ -2201,6 +2201,12 @@ def _torch_ops() -> dict[str, OpInfo]:
         "rand randn randint randperm normal bernoulli multinomial rand_like randn_like randint_like",
         OpInfo(OpKind.OTHER, (Arg("self", Role.LIKE),), pure=False),
     )
+    # Runtime checks torch.export inserts: they read a tensor's metadata only, make nothing, and
+    # are kept (removing a check would change what the program verifies).
+    add(
+        "_assert_tensor_metadata _assert_scalar _assert_async sym_constrain_range_for_size",
+        OpInfo(OpKind.OTHER, (Arg("a", Role.LIKE),), pure=False),
+    )
 
     # torch.nn.functional's own signatures, where they are not aten's.
     functional = "torch.nn.functional."
