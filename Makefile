@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
 		| grep -v "^WARNING: Location" || true
-	$(PY) -c "import rescompile.passes, torch, onnxruntime, transformers"
+	$(PY) -c "import rescompile.passes, torch, torchvision, timm, onnxruntime, transformers"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/rescompile demo --out out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n 2 -q -p no:logging
 
 # The numerical tests again with every tolerance divided by 4, printing each test's worst

@@ -16,12 +16,39 @@ from .laurel import LaurelPass
 from .layerscale import LayerScalePass
 from .rezero import RezeroPass
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "IdentityPass", "RezeroPass", "LayerScalePass", "LaurelPass",
-           "GatePass", "HyperConnectionsPass", "FracConnectionsPass", "DenseFormerPass", "DecayPass", "DeepNormPass", "DepthScalePass", "FoldPass"]
+__all__ = [
+    "PASSES",
+    "DEFAULT_PIPELINE",
+    "IdentityPass",
+    "RezeroPass",
+    "LayerScalePass",
+    "LaurelPass",
+    "GatePass",
+    "HyperConnectionsPass",
+    "FracConnectionsPass",
+    "DenseFormerPass",
+    "DecayPass",
+    "DeepNormPass",
+    "DepthScalePass",
+    "FoldPass",
+]
 
-PASSES = {cls.name: cls for cls in (
-    IdentityPass, RezeroPass, LayerScalePass, LaurelPass, GatePass, HyperConnectionsPass, FracConnectionsPass, DenseFormerPass,
-    DecayPass, DeepNormPass, DepthScalePass, FoldPass,
-)}
+PASSES = {
+    cls.name: cls
+    for cls in (
+        IdentityPass,
+        RezeroPass,
+        LayerScalePass,
+        LaurelPass,
+        GatePass,
+        HyperConnectionsPass,
+        FracConnectionsPass,
+        DenseFormerPass,
+        DecayPass,
+        DeepNormPass,
+        DepthScalePass,
+        FoldPass,
+    )
+}
 
 DEFAULT_PIPELINE: tuple[str, ...] = ()

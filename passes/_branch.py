@@ -13,8 +13,16 @@ from rescompile.analysis.residuals import ResidualSite
 from rescompile.errors import RescompileError
 from rescompile.ir import Graph, Node, Value
 
-__all__ = ["param_name", "new_param", "insert_op", "multiply_operand", "channel_axis",
-           "channel_count", "vector_shape", "numpy_of"]
+__all__ = [
+    "param_name",
+    "new_param",
+    "insert_op",
+    "multiply_operand",
+    "channel_axis",
+    "channel_count",
+    "vector_shape",
+    "numpy_of",
+]
 
 
 def param_name(pass_name: str, site: ResidualSite, role: str) -> str:
@@ -22,8 +30,9 @@ def param_name(pass_name: str, site: ResidualSite, role: str) -> str:
     return f"rescompile.{pass_name}.{site.name}.{role}"
 
 
-def new_param(graph: Graph, pass_name: str, site: ResidualSite, role: str, array: Any,
-              *, trainable: bool = True) -> Value:
+def new_param(
+    graph: Graph, pass_name: str, site: ResidualSite, role: str, array: Any, *, trainable: bool = True
+) -> Value:
     """Register a new initializer for `site` with the branch's dtype."""
     dtype = site.branch.dtype or "float32"
     array = np.asarray(array, dtype=dtype)
@@ -33,13 +42,24 @@ def new_param(graph: Graph, pass_name: str, site: ResidualSite, role: str, array
 _FRONT = object()
 
 
-def insert_op(graph: Graph, op_type: str, inputs: list[Value], *, pass_name: str, name: str,
-              before: Node | None = None, after: Node | None | object = _FRONT, like: Value | None = None,
-              attrs: dict | None = None, shape: tuple | None = None) -> Value:
+def insert_op(
+    graph: Graph,
+    op_type: str,
+    inputs: list[Value],
+    *,
+    pass_name: str,
+    name: str,
+    before: Node | None = None,
+    after: Node | None | object = _FRONT,
+    like: Value | None = None,
+    attrs: dict | None = None,
+    shape: tuple | None = None,
+) -> Value:
     """Insert a core op before `before` or after `after` (None: at the front); the output
     takes `like`'s dtype and shape, or `shape` with the dtype of the first input."""
-    node = Node(op_type, inputs, attrs=attrs, name=f"{pass_name}/{name}",
-                output_names=[f"{pass_name}/{name}"])
+    node = Node(
+        op_type, inputs, attrs=attrs, name=f"{pass_name}/{name}", output_names=[f"{pass_name}/{name}"]
+    )
     node.meta["pass"] = pass_name
     if like is not None:
         node.output.dtype, node.output.shape = like.dtype, like.shape
@@ -54,8 +74,15 @@ def multiply_operand(graph: Graph, site: ResidualSite, which: str, factor: Value
     """Rewire the site's add so that operand `which` ("skip" or "branch") is multiplied by `factor`."""
     index = site.skip_index if which == "skip" else 1 - site.skip_index
     operand = site.add.inputs[index]
-    out = insert_op(graph, "Mul", [operand, factor], before=site.add, pass_name=pass_name,
-                    name=f"{site.name}/{which}_mul", like=operand)
+    out = insert_op(
+        graph,
+        "Mul",
+        [operand, factor],
+        before=site.add,
+        pass_name=pass_name,
+        name=f"{site.name}/{which}_mul",
+        like=operand,
+    )
     site.add.replace_input_with(index, out)
     return out.producer
 

@@ -36,8 +36,12 @@ def require_final_norm(graph: Graph, pass_name: str, stream: ResidualStream) -> 
     scale: every site pre-norm and the stream's end read only by norms."""
     for site in stream.sites:
         if site.norm != "pre":
-            raise PassError(f"{pass_name}: compensate needs pre-norm blocks; site {site.name} is {site.norm}-norm")
+            raise PassError(
+                f"{pass_name}: compensate needs pre-norm blocks; site {site.name} is {site.norm}-norm"
+            )
     if not only_read_by_norms(graph, stream.output):
         users = [n.op_type for n in stream.output.consumers()] or "the graph output"
-        raise PassError(f"{pass_name}: compensate needs the stream to end in a norm; "
-                        f"{stream.output.name!r} is read by {users}")
+        raise PassError(
+            f"{pass_name}: compensate needs the stream to end in a norm; "
+            f"{stream.output.name!r} is read by {users}"
+        )

@@ -16,7 +16,6 @@ decay/deepnorm/depthscale (rescale the branch's last weighted op).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -26,8 +25,16 @@ from ._branch import channel_axis, numpy_of
 
 __all__ = ["ScaleRefused", "scale_output"]
 
-_RESHAPES = {"Reshape", "Flatten", "view", "reshape", "_unsafe_view", "flatten", "view.default",
-             "reshape.default"}
+_RESHAPES = {
+    "Reshape",
+    "Flatten",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "flatten",
+    "view.default",
+    "reshape.default",
+}
 
 
 class ScaleRefused(Exception):
@@ -36,7 +43,14 @@ class ScaleRefused(Exception):
 
 def _is_reshape(node: Node) -> bool:
     name = node.op_type.split("::")[-1].split(".")[0]
-    return node.op_type in _RESHAPES or name in {"view", "reshape", "_unsafe_view", "flatten", "Reshape", "Flatten"}
+    return node.op_type in _RESHAPES or name in {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "flatten",
+        "Reshape",
+        "Flatten",
+    }
 
 
 def _keeps_last_axis(node: Node) -> bool:
@@ -60,11 +74,13 @@ def _set_scaled(graph: Graph, value: Value, array: np.ndarray, factor: np.ndarra
     """The edit that sets `value` to `array * factor`, computed in float64 and rounded once to
     the payload's dtype, so fp16 and bf16 weights stay fp16 and bf16 (and a torch payload a
     torch tensor) instead of coming back as float64 for the exporter to cast."""
+
     def edit() -> None:
         scaled = array.astype(np.float64) * factor
         payload = value.payload
         new = payload.new_tensor(scaled) if hasattr(payload, "new_tensor") else scaled.astype(array.dtype)
         graph.set_payload(value, new)
+
     return edit
 
 
@@ -115,8 +131,11 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             const = consts[0]
             _only_user(const, node, "factor")
             rank = len(current.shape) if current.shape is not None else 1
-            edits.append(_set_scaled(graph, const, numpy_of(const.payload),
-                                     _vector_along(factor, rank, channel_from_end or -1)))
+            edits.append(
+                _set_scaled(
+                    graph, const, numpy_of(const.payload), _vector_along(factor, rank, channel_from_end or -1)
+                )
+            )
             return edits
         if node.kind is OpKind.ADD and len(live) == 1 and len(consts) == 1:
             bias = consts[0]
@@ -127,8 +146,11 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
                 continue
             _only_user(bias, node, "bias")
             if factor.ndim == 1:
-                scaled_factor = _vector_along(factor, array.ndim, channel_from_end) if array.ndim >= -channel_from_end \
+                scaled_factor = (
+                    _vector_along(factor, array.ndim, channel_from_end)
+                    if array.ndim >= -channel_from_end
                     else None
+                )
                 if scaled_factor is None or (array * scaled_factor).shape != array.shape:
                     raise ScaleRefused(f"bias {bias.name!r} of shape {array.shape} is not per-channel")
             else:
@@ -138,14 +160,31 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             current = live[0]
             continue
         passes_through = node.kind in (OpKind.IDENTITY, OpKind.CAST) or (
-            node.kind is OpKind.LAYOUT and (factor.ndim == 0 or (channel_from_end == -1 and (
-                _keeps_last_axis(node) or (_is_reshape(node) and live and live[0].shape and current.shape
-                                           and live[0].shape[-1] == current.shape[-1])))))
+            node.kind is OpKind.LAYOUT
+            and (
+                factor.ndim == 0
+                or (
+                    channel_from_end == -1
+                    and (
+                        _keeps_last_axis(node)
+                        or (
+                            _is_reshape(node)
+                            and live
+                            and live[0].shape
+                            and current.shape
+                            and live[0].shape[-1] == current.shape[-1]
+                        )
+                    )
+                )
+            )
+        )
         if passes_through and len(live) == 1:
             _only_user(live[0], node, "value")
             current = live[0]
             continue
-        raise ScaleRefused(f"the branch ends in {node.op_type} ({node.name}), which has no parameter to scale")
+        raise ScaleRefused(
+            f"the branch ends in {node.op_type} ({node.name}), which has no parameter to scale"
+        )
     raise ScaleRefused(f"no parameterised op found behind {value.name!r}")
 
 
@@ -171,8 +210,9 @@ def _scale_weighted(node: Node, slots, factor: np.ndarray, edits: list) -> None:
     w = numpy_of(weight.payload)
     axis = slots.weight_out_axis % w.ndim
     if factor.ndim == 1 and w.shape[axis] != factor.shape[0]:
-        raise ScaleRefused(f"{node.name}: weight axis {axis} has {w.shape[axis]} channels, "
-                           f"the factor {factor.shape[0]}")
+        raise ScaleRefused(
+            f"{node.name}: weight axis {axis} has {w.shape[axis]} channels, the factor {factor.shape[0]}"
+        )
     edits.append(_set_scaled(graph, weight, w, _vector_along(factor, w.ndim, axis)))
     bias = _param_input(node, slots.bias, "bias")
     if bias is not None:

@@ -13,8 +13,11 @@ __all__ = ["require_pure_stream", "through_casts"]
 
 def through_casts(value: Value) -> Value:
     """The value under casts and identities (torch graphs may read x via x.to(float32))."""
-    while value.producer is not None and value.producer.kind in (OpKind.CAST, OpKind.IDENTITY) \
-            and len([v for v in value.producer.inputs if v is not None]) == 1:
+    while (
+        value.producer is not None
+        and value.producer.kind in (OpKind.CAST, OpKind.IDENTITY)
+        and len([v for v in value.producer.inputs if v is not None]) == 1
+    ):
         value = value.producer.inputs[0]
     return value
 
@@ -31,15 +34,20 @@ def require_pure_stream(pass_name: str, stream: ResidualStream) -> None:
     for previous, site in zip((None,) + stream.sites, stream.sites):
         if previous is not None and through_casts(site.skip) is not previous.output:
             between = site.skip.producer.op_type if site.skip.producer else "?"
-            raise PassError(f"{pass_name}: site {site.name} reads the stream through {between} "
-                            f"({site.norm}-norm or post-activation block); {pass_name} needs a pure residual "
-                            "stream as in pre-norm models (select others with streams=)")
+            raise PassError(
+                f"{pass_name}: site {site.name} reads the stream through {between} "
+                f"({site.norm}-norm or post-activation block); {pass_name} needs a pure residual "
+                "stream as in pre-norm models (select others with streams=)"
+            )
         if site.kind != "identity" or site.skip is not site.fork:
-            raise PassError(f"{pass_name}: site {site.name} has a {site.kind} or rescaled skip; "
-                            f"apply {pass_name} first")
+            raise PassError(
+                f"{pass_name}: site {site.name} has a {site.kind} or rescaled skip; apply {pass_name} first"
+            )
         if site.skip.shape != shape or site.output.shape != shape:
-            raise PassError(f"{pass_name}: the stream changes shape at site {site.name} "
-                            f"({shape} -> {site.output.shape}); not supported")
+            raise PassError(
+                f"{pass_name}: the stream changes shape at site {site.name} "
+                f"({shape} -> {site.output.shape}); not supported"
+            )
     try:
         channel_count(stream.input)
     except Exception as exc:

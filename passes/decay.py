@@ -41,9 +41,12 @@ class DecayPass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        alpha_min: float = dataclasses.field(default=0.5, metadata={"help": "skip weight of the deepest site"})
-        compensate: bool = dataclasses.field(default=False, metadata={
-            "help": "rescale branches so the function is kept (pre-norm streams)"})
+        alpha_min: float = dataclasses.field(
+            default=0.5, metadata={"help": "skip weight of the deepest site"}
+        )
+        compensate: bool = dataclasses.field(
+            default=False, metadata={"help": "rescale branches so the function is kept (pre-norm streams)"}
+        )
         sites: str = sites_option()
 
     def check_options(self) -> None:
@@ -65,7 +68,11 @@ class DecayPass(PassBase):
                 require_final_norm(graph, self.name, stream)
             scale = 1.0
             for site in stream.sites:
-                alpha = decay_schedule(site.depth, len(stream.sites), self.options.alpha_min) if chosen(site) else 1.0
+                alpha = (
+                    decay_schedule(site.depth, len(stream.sites), self.options.alpha_min)
+                    if chosen(site)
+                    else 1.0
+                )
                 if alpha != 1.0:
                     constant_multiply(graph, self.name, site, "skip", alpha)
                     count += 1

@@ -31,7 +31,7 @@ def deepnorm_alpha(arch: str, n: int, m: int, part: str) -> float:
         return (2 * n) ** 0.25
     if arch == "decoder":
         return (2 * m) ** 0.25
-    return 0.81 * (n ** 4 * m) ** (1 / 16) if part == "encoder" else (3 * m) ** 0.25
+    return 0.81 * (n**4 * m) ** (1 / 16) if part == "encoder" else (3 * m) ** 0.25
 
 
 class DeepNormPass(PassBase):
@@ -46,12 +46,22 @@ class DeepNormPass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        arch: str = dataclasses.field(default="encoder", metadata={
-            "choices": ("encoder", "decoder", "encoder-decoder"), "help": "which DeepNet constants"})
-        layers: int = dataclasses.field(default=0, metadata={"help": "N (or M): 0 counts the stream's layers"})
-        decoder_layers: int = dataclasses.field(default=0, metadata={"help": "M for encoder-decoder (0: count)"})
-        compensate: bool = dataclasses.field(default=False, metadata={
-            "help": "also scale the branch output by alpha (keeps the function)"})
+        arch: str = dataclasses.field(
+            default="encoder",
+            metadata={
+                "choices": ("encoder", "decoder", "encoder-decoder"),
+                "help": "which DeepNet constants",
+            },
+        )
+        layers: int = dataclasses.field(
+            default=0, metadata={"help": "N (or M): 0 counts the stream's layers"}
+        )
+        decoder_layers: int = dataclasses.field(
+            default=0, metadata={"help": "M for encoder-decoder (0: count)"}
+        )
+        compensate: bool = dataclasses.field(
+            default=False, metadata={"help": "also scale the branch output by alpha (keeps the function)"}
+        )
         sites: str = sites_option()
 
     @property
@@ -68,19 +78,27 @@ class DeepNormPass(PassBase):
         def layers(stream):
             rank = len(stream.input.shape or ())
             return max(1, len(stream.sites) // 2 if rank == 3 else len(stream.sites))
+
         count = 0
         for index, stream in enumerate(streams):
             sites = [s for s in stream.sites if chosen(s)]
             if not sites:
                 continue
-            n = self.options.layers or layers(streams[0] if self.options.arch == "encoder-decoder" else stream)
-            m = (self.options.decoder_layers or layers(streams[1])) if self.options.arch == "encoder-decoder" \
+            n = self.options.layers or layers(
+                streams[0] if self.options.arch == "encoder-decoder" else stream
+            )
+            m = (
+                (self.options.decoder_layers or layers(streams[1]))
+                if self.options.arch == "encoder-decoder"
                 else (self.options.layers or layers(stream))
+            )
             alpha = deepnorm_alpha(self.options.arch, n, m, "encoder" if index == 0 else "decoder")
             for site in sites:
                 if site.norm != "post":
-                    raise PassError(f"deepnorm: site {site.name} is {site.norm}-norm; DeepNorm applies to "
-                                    "post-norm blocks (select others with sites=)")
+                    raise PassError(
+                        f"deepnorm: site {site.name} is {site.norm}-norm; DeepNorm applies to "
+                        "post-norm blocks (select others with sites=)"
+                    )
                 constant_multiply(graph, self.name, site, "skip", alpha)
                 if self.options.compensate:
                     compensate_branch(graph, self.name, site, alpha)

@@ -35,8 +35,9 @@ class DenseFormerPass(PassBase):
     class Options:
         dilation: int = dataclasses.field(default=1, metadata={"help": "use every k-th earlier output"})
         period: int = dataclasses.field(default=1, metadata={"help": "average after every p-th block"})
-        block_size: int = dataclasses.field(default=0, metadata={
-            "help": "residual sites per block (0: 2 for token streams, 1 otherwise)"})
+        block_size: int = dataclasses.field(
+            default=0, metadata={"help": "residual sites per block (0: 2 for token streams, 1 otherwise)"}
+        )
         streams: str = streams_option()
 
     def check_options(self) -> None:
@@ -59,8 +60,10 @@ class DenseFormerPass(PassBase):
     def _rewrite(self, graph: Graph, stream: ResidualStream) -> int:
         size = self._block_size(stream)
         if len(stream.sites) % size:
-            raise PassError(f"dense: stream {stream.index} has {len(stream.sites)} sites, not a multiple of "
-                            f"block_size={size}")
+            raise PassError(
+                f"dense: stream {stream.index} has {len(stream.sites)} sites, not a multiple of "
+                f"block_size={size}"
+            )
         ends = [stream.sites[i + size - 1] for i in range(0, len(stream.sites), size)]
         outputs: list[Value] = [stream.input] + [site.output for site in ends]  # X_0 .. X_B (raw)
         count = 0
@@ -73,15 +76,31 @@ class DenseFormerPass(PassBase):
             cursor = site.add
             total = None
             for j in terms:
-                alpha = graph.add_param(f"rescompile.dense.{stream.index}.block{i}.alpha{j}",
-                                        np.asarray(1.0 if j == i + 1 else 0.0, dtype=raw.dtype or "float32"),
-                                        dtype=raw.dtype or "float32")
-                term = insert_op(graph, "Mul", [outputs[j], alpha], after=cursor, pass_name=self.name,
-                                 name=f"block{i}/x{j}", like=raw)
+                alpha = graph.add_param(
+                    f"rescompile.dense.{stream.index}.block{i}.alpha{j}",
+                    np.asarray(1.0 if j == i + 1 else 0.0, dtype=raw.dtype or "float32"),
+                    dtype=raw.dtype or "float32",
+                )
+                term = insert_op(
+                    graph,
+                    "Mul",
+                    [outputs[j], alpha],
+                    after=cursor,
+                    pass_name=self.name,
+                    name=f"block{i}/x{j}",
+                    like=raw,
+                )
                 cursor = term.producer
                 if total is not None:
-                    total = insert_op(graph, "Add", [total, term], after=cursor, pass_name=self.name,
-                                      name=f"block{i}/sum{j}", like=raw)
+                    total = insert_op(
+                        graph,
+                        "Add",
+                        [total, term],
+                        after=cursor,
+                        pass_name=self.name,
+                        name=f"block{i}/sum{j}",
+                        like=raw,
+                    )
                     cursor = total.producer
                 else:
                     total = term

@@ -29,10 +29,13 @@ class DepthScalePass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        mode: str = dataclasses.field(default="sqrt", metadata={"choices": ("sqrt", "linear"),
-                                                                 "help": "1/sqrt(L) or 1/L"})
-        compensate: bool = dataclasses.field(default=False, metadata={
-            "help": "scale the branch's parameters by the inverse (keeps the function)"})
+        mode: str = dataclasses.field(
+            default="sqrt", metadata={"choices": ("sqrt", "linear"), "help": "1/sqrt(L) or 1/L"}
+        )
+        compensate: bool = dataclasses.field(
+            default=False,
+            metadata={"help": "scale the branch's parameters by the inverse (keeps the function)"},
+        )
         sites: str = sites_option()
 
     @property

@@ -68,7 +68,12 @@ class FoldPass(PassBase):
     def _fold_one(graph: Graph, site) -> str | None:
         branch = site.branch
         mul = branch.producer
-        if mul is None or mul.kind is not OpKind.MUL or len(mul.inputs) != 2 or branch.consumers() != [site.add]:
+        if (
+            mul is None
+            or mul.kind is not OpKind.MUL
+            or len(mul.inputs) != 2
+            or branch.consumers() != [site.add]
+        ):
             return "no factor"
         consts = [v for v in mul.inputs if v is not None and v.is_initializer]
         if len(consts) != 1:

@@ -49,15 +49,26 @@ class GatePass(PassBase):
                 raise PassError(f"gate: site {site.name}: {exc}") from exc
             w = new_param(graph, self.name, site, "weight", np.zeros(shape))
             b = new_param(graph, self.name, site, "bias", np.array(self.options.bias))
-            axes = graph.add_param(f"rescompile.gate.{site.name}.axes", np.array([axis], np.int64),
-                                   dtype="int64", trainable=False)
+            axes = graph.add_param(
+                f"rescompile.gate.{site.name}.axes",
+                np.array([axis], np.int64),
+                dtype="int64",
+                trainable=False,
+            )
             two = new_param(graph, self.name, site, "two", np.array(2.0), trainable=False)
             gate_shape = tuple(1 if i == axis else d for i, d in enumerate(skip.shape))
             prefix = f"{site.name}/"
             kw = dict(before=site.add, pass_name=self.name)
             weighted = insert_op(graph, "Mul", [skip, w], name=prefix + "wx", like=skip, **kw)
-            score = insert_op(graph, "ReduceSum", [weighted, axes], name=prefix + "sum", like=skip,
-                              attrs={"keepdims": 1}, **kw)
+            score = insert_op(
+                graph,
+                "ReduceSum",
+                [weighted, axes],
+                name=prefix + "sum",
+                like=skip,
+                attrs={"keepdims": 1},
+                **kw,
+            )
             score.shape = gate_shape
             score = insert_op(graph, "Add", [score, b], name=prefix + "bias", like=score, **kw)
             gate = insert_op(graph, "Sigmoid", [score], name=prefix + "sigmoid", like=score, **kw)

@@ -48,12 +48,27 @@ class _Builder:
         self.graph, self.prefix, self.cursor = graph, prefix, after
         self.count = 0
 
-    def op(self, op_type: str, inputs: list[Value], *, dtype: str | None, shape: tuple | None,
-           attrs: dict | None = None, name: str = "") -> Value:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[Value],
+        *,
+        dtype: str | None,
+        shape: tuple | None,
+        attrs: dict | None = None,
+        name: str = "",
+    ) -> Value:
         self.count += 1
         pass_name, where = self.prefix.split("/", 1)
-        out = insert_op(self.graph, op_type, inputs, after=self.cursor, pass_name=pass_name,
-                        name=f"{where}/{name or op_type.lower()}{self.count}", attrs=attrs)
+        out = insert_op(
+            self.graph,
+            op_type,
+            inputs,
+            after=self.cursor,
+            pass_name=pass_name,
+            name=f"{where}/{name or op_type.lower()}{self.count}",
+            attrs=attrs,
+        )
         out.dtype, out.shape = dtype, shape
         self.cursor = out.producer
         return out
@@ -61,8 +76,9 @@ class _Builder:
     def const(self, name: str, array, *, trainable: bool, dtype: str) -> Value:
         array = np.asarray(array, dtype=dtype)
         pass_name, where = self.prefix.split("/", 1)
-        return self.graph.add_param(f"rescompile.{pass_name}.{where}.{name}", array,
-                                    dtype=dtype, trainable=trainable)
+        return self.graph.add_param(
+            f"rescompile.{pass_name}.{where}.{name}", array, dtype=dtype, trainable=trainable
+        )
 
 
 class HyperConnectionsPass(PassBase):
@@ -75,8 +91,10 @@ class HyperConnectionsPass(PassBase):
     class Options:
         n: int = dataclasses.field(default=4, metadata={"help": "expansion rate (copies of the stream)"})
         dynamic: bool = dataclasses.field(default=False, metadata={"help": "add input-dependent connections"})
-        reduce: str = dataclasses.field(default="mean", metadata={
-            "choices": ("mean", "sum"), "help": "how the copies are merged at the stream's end"})
+        reduce: str = dataclasses.field(
+            default="mean",
+            metadata={"choices": ("mean", "sum"), "help": "how the copies are merged at the stream's end"},
+        )
         streams: str = streams_option()
 
     def check_options(self) -> None:
@@ -94,8 +112,11 @@ class HyperConnectionsPass(PassBase):
             self._check(stream)
         for stream in streams:
             self._rewrite(graph, stream)
-        return PassResult(graph, modified=bool(streams),
-                          stats={"streams": len(streams), "sites": sum(len(s.sites) for s in streams)})
+        return PassResult(
+            graph,
+            modified=bool(streams),
+            stats={"streams": len(streams), "sites": sum(len(s.sites) for s in streams)},
+        )
 
     def _check(self, stream: ResidualStream) -> None:
         require_pure_stream(self.name, stream)
@@ -115,14 +136,14 @@ class HyperConnectionsPass(PassBase):
         rows = self._rows()
         dtype = x0.dtype or "float32"
         rank, axis, d = len(x0.shape), channel_axis(x0), channel_count(x0)
-        width = d if copies else d // rows            # width of one row of H
-        split_rows = 1 if copies else rows            # rows a d-vector splits into
+        width = d if copies else d // rows  # width of one row of H
+        split_rows = 1 if copies else rows  # rows a d-vector splits into
         to_last = [i for i in range(rank) if i != axis] + [axis]
         from_last = list(np.argsort(to_last))
-        last_shape = tuple(x0.shape[i] for i in to_last)           # [..., d]
+        last_shape = tuple(x0.shape[i] for i in to_last)  # [..., d]
         lead = last_shape[:-1]
-        h_shape = lead + (rows, width)                              # H: [..., rows, width]
-        keep = [0] * (rank - 1)                                     # Reshape: 0 copies a dim
+        h_shape = lead + (rows, width)  # H: [..., rows, width]
+        keep = [0] * (rank - 1)  # Reshape: 0 copies a dim
 
         b = _Builder(graph, f"{self.name}/s{stream.index}", x0.producer)  # right after the stream input
         shape_split = b.const("split_shape", keep + [split_rows, -1], trainable=False, dtype="int64")
@@ -136,8 +157,9 @@ class HyperConnectionsPass(PassBase):
         def back(value: Value, builder: _Builder) -> Value:
             if to_last == list(range(rank)):
                 return value
-            return builder.op("Transpose", [value], attrs={"perm": [int(i) for i in from_last]}, dtype=dtype,
-                              shape=x0.shape)
+            return builder.op(
+                "Transpose", [value], attrs={"perm": [int(i) for i in from_last]}, dtype=dtype, shape=x0.shape
+            )
 
         def split(value: Value, builder: _Builder) -> Value:
             return builder.op("Reshape", [value, shape_split], dtype=dtype, shape=lead + (split_rows, width))
@@ -147,20 +169,28 @@ class HyperConnectionsPass(PassBase):
 
         def swap_last_two(value: Value, shape: tuple, builder: _Builder) -> Value:
             perm = list(range(len(shape) - 2)) + [len(shape) - 1, len(shape) - 2]
-            return builder.op("Transpose", [value], attrs={"perm": perm}, dtype=dtype,
-                              shape=shape[:-2] + (shape[-1], shape[-2]))
+            return builder.op(
+                "Transpose",
+                [value],
+                attrs={"perm": perm},
+                dtype=dtype,
+                shape=shape[:-2] + (shape[-1], shape[-2]),
+            )
 
         def reduce(h: Value, builder: _Builder, tag: str) -> Value:
             if not copies:
                 return back(merge(h, builder), builder)
-            w = builder.const(f"{tag}.reduce", np.full((1, rows), self._reduce_weight()), trainable=False,
-                              dtype=dtype)
+            w = builder.const(
+                f"{tag}.reduce", np.full((1, rows), self._reduce_weight()), trainable=False, dtype=dtype
+            )
             merged = builder.op("MatMul", [w, h], dtype=dtype, shape=lead + (1, width), name="reduce")
             return back(merge(merged, builder), builder)
 
         row_axis = b.const("row_axis", [-2], trainable=False, dtype="int64")
-        row_slices = [b.const(f"row_{i}", [v], trainable=False, dtype="int64")
-                      for i, v in enumerate((0, split_rows, split_rows + rows))]
+        row_slices = [
+            b.const(f"row_{i}", [v], trainable=False, dtype="int64")
+            for i, v in enumerate((0, split_rows, split_rows + rows))
+        ]
 
         # Expand: H0 = `rows` copies of the stream input, or its `rows` fractions.
         h = split(last(x0, b), b)
@@ -172,14 +202,28 @@ class HyperConnectionsPass(PassBase):
         for k, site in enumerate(stream.sites):
             # Width ops go right after H is made (before the branch starts), depth ops before the add.
             sb = _Builder(graph, f"{self.name}/{site.name}", h.producer)
-            alpha_t, beta = self._connections(sb, h, k, rows, split_rows, width, dtype, h_shape, swap_last_two)
+            alpha_t, beta = self._connections(
+                sb, h, k, rows, split_rows, width, dtype, h_shape, swap_last_two
+            )
             # One MatMul builds the branch input rows and the mixed rows together, as the
             # package's single einsum does; two slices split them.
-            mixed = sb.op("MatMul", [alpha_t, h], dtype=dtype, shape=lead + (split_rows + rows, width), name="mix")
-            h_in = sb.op("Slice", [mixed, row_slices[0], row_slices[1], row_axis], dtype=dtype,
-                         shape=lead + (split_rows, width), name="width")
-            h_mixed = sb.op("Slice", [mixed, row_slices[1], row_slices[2], row_axis], dtype=dtype,
-                            shape=h_shape, name="rows")
+            mixed = sb.op(
+                "MatMul", [alpha_t, h], dtype=dtype, shape=lead + (split_rows + rows, width), name="mix"
+            )
+            h_in = sb.op(
+                "Slice",
+                [mixed, row_slices[0], row_slices[1], row_axis],
+                dtype=dtype,
+                shape=lead + (split_rows, width),
+                name="width",
+            )
+            h_mixed = sb.op(
+                "Slice",
+                [mixed, row_slices[1], row_slices[2], row_axis],
+                dtype=dtype,
+                shape=h_shape,
+                name="rows",
+            )
             branch_input = back(merge(h_in, sb), sb)
             # The branch reads h_in wherever it read the stream value.
             inside = set(site.nodes)
@@ -196,8 +240,18 @@ class HyperConnectionsPass(PassBase):
         for site in reversed(stream.sites):
             graph.remove(site.add)
 
-    def _connections(self, b: _Builder, h: Value, k: int, rows: int, read_rows: int, width: int, dtype: str,
-                     h_shape, swap_last_two):
+    def _connections(
+        self,
+        b: _Builder,
+        h: Value,
+        k: int,
+        rows: int,
+        read_rows: int,
+        width: int,
+        dtype: str,
+        h_shape,
+        swap_last_two,
+    ):
         """(alpha^T, B): alpha^T ([read_rows + rows, rows], per position when dynamic)
         multiplies H = [..., rows, width]; B ([rows, 1]) weights the branch output.
 
@@ -210,7 +264,9 @@ class HyperConnectionsPass(PassBase):
         else:
             a_w = np.eye(rows)
         cols = read_rows + rows
-        static = b.const("static_alpha", np.concatenate([a_w, np.eye(rows)], axis=1), trainable=True, dtype=dtype)
+        static = b.const(
+            "static_alpha", np.concatenate([a_w, np.eye(rows)], axis=1), trainable=True, dtype=dtype
+        )
         beta = b.const("static_beta", np.ones((rows, 1)), trainable=True, dtype=dtype)
         if not self.options.dynamic:
             return swap_last_two(static, (rows, cols), b), beta
@@ -223,14 +279,28 @@ class HyperConnectionsPass(PassBase):
         axes = b.const("norm_axes", [-1], trainable=False, dtype="int64")
         ss = b.op("ReduceSum", [sq, axes], attrs={"keepdims": 1}, dtype=dtype, shape=lead + (rows, 1))
         norm = b.op("Sqrt", [ss], dtype=dtype, shape=lead + (rows, 1))
-        norm = b.op("Max", [norm, b.const("norm_eps", 1e-12, trainable=False, dtype=dtype)], dtype=dtype,
-                    shape=lead + (rows, 1))
+        norm = b.op(
+            "Max",
+            [norm, b.const("norm_eps", 1e-12, trainable=False, dtype=dtype)],
+            dtype=dtype,
+            shape=lead + (rows, 1),
+        )
         gain = b.const("norm_gain", np.zeros(width), trainable=True, dtype=dtype)
-        gain = b.op("Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(width,))
-        gain = b.op("Mul", [gain, b.const("sqrt_d", np.sqrt(width), trainable=False, dtype=dtype)], dtype=dtype,
-                    shape=(width,))
-        gain = b.op("Reshape", [gain, b.const("column", [-1, 1], trainable=False, dtype="int64")], dtype=dtype,
-                    shape=(width, 1))
+        gain = b.op(
+            "Add", [gain, b.const("one", 1.0, trainable=False, dtype=dtype)], dtype=dtype, shape=(width,)
+        )
+        gain = b.op(
+            "Mul",
+            [gain, b.const("sqrt_d", np.sqrt(width), trainable=False, dtype=dtype)],
+            dtype=dtype,
+            shape=(width,),
+        )
+        gain = b.op(
+            "Reshape",
+            [gain, b.const("column", [-1, 1], trainable=False, dtype="int64")],
+            dtype=dtype,
+            shape=(width, 1),
+        )
 
         def dynamic(weight_name, scale_name, n_cols, static_value):
             w = b.const(weight_name, np.zeros((width, n_cols)), trainable=True, dtype=dtype)
@@ -242,8 +312,8 @@ class HyperConnectionsPass(PassBase):
             z = b.op("Mul", [z, scale], dtype=dtype, shape=lead + (rows, n_cols))
             return b.op("Add", [z, static_value], dtype=dtype, shape=lead + (rows, n_cols))
 
-        alpha = dynamic("dynamic_alpha", "dynamic_alpha_scale", cols, static)   # [..., rows, cols]
-        beta = dynamic("dynamic_beta", "dynamic_beta_scale", 1, beta)          # [..., rows, 1]
+        alpha = dynamic("dynamic_alpha", "dynamic_alpha_scale", cols, static)  # [..., rows, cols]
+        beta = dynamic("dynamic_beta", "dynamic_beta_scale", 1, beta)  # [..., rows, 1]
         return swap_last_two(alpha, lead + (rows, cols), b), beta
 
     @staticmethod
@@ -260,4 +330,3 @@ class HyperConnectionsPass(PassBase):
             usage.node.replace_input_with(usage.index, merged)
         if is_output:
             graph.set_outputs([merged if v is value else v for v in graph.outputs])
-

@@ -35,8 +35,9 @@ class LaurelPass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        variant: str = dataclasses.field(default="rw", metadata={"choices": ("rw", "lr", "pa"),
-                                                                  "help": "rw, lr or pa"})
+        variant: str = dataclasses.field(
+            default="rw", metadata={"choices": ("rw", "lr", "pa"), "help": "rw, lr or pa"}
+        )
         rank: int = dataclasses.field(default=8, metadata={"help": "lr: rank r of the skip map"})
         window: int = dataclasses.field(default=0, metadata={"help": "pa: earlier blocks used (0: all)"})
         alpha: float = dataclasses.field(default=1.0, metadata={"help": "rw: initial branch weight"})
@@ -60,22 +61,47 @@ class LaurelPass(PassBase):
         added = 0
         for site in sites:
             if self.options.variant == "rw":
-                multiply_operand(graph, site, "branch", new_param(graph, self.name, site, "alpha", self.options.alpha),
-                                 self.name)
-                multiply_operand(graph, site, "skip", new_param(graph, self.name, site, "beta", self.options.beta),
-                                 self.name)
+                multiply_operand(
+                    graph,
+                    site,
+                    "branch",
+                    new_param(graph, self.name, site, "alpha", self.options.alpha),
+                    self.name,
+                )
+                multiply_operand(
+                    graph,
+                    site,
+                    "skip",
+                    new_param(graph, self.name, site, "beta", self.options.beta),
+                    self.name,
+                )
                 continue
-            extras = self._lowrank(graph, site, rng) if self.options.variant == "lr" else \
-                self._previous(graph, site, streams[site.stream])
+            extras = (
+                self._lowrank(graph, site, rng)
+                if self.options.variant == "lr"
+                else self._previous(graph, site, streams[site.stream])
+            )
             total = site.branch
             for i, extra in enumerate(extras):
-                total = insert_op(graph, "Add", [total, extra], before=site.add, pass_name=self.name,
-                                  name=f"{site.name}/sum{i}", like=site.branch)
+                total = insert_op(
+                    graph,
+                    "Add",
+                    [total, extra],
+                    before=site.add,
+                    pass_name=self.name,
+                    name=f"{site.name}/sum{i}",
+                    like=site.branch,
+                )
             if extras:
                 site.add.replace_input_with(1 - site.skip_index, total)
                 added += len(extras)
-        return PassResult(graph, modified=bool(sites), stats={"sites": len(sites), "terms": added}
-                          if self.options.variant != "rw" else {"sites": len(sites)})
+        return PassResult(
+            graph,
+            modified=bool(sites),
+            stats={"sites": len(sites), "terms": added}
+            if self.options.variant != "rw"
+            else {"sites": len(sites)},
+        )
 
     def _lowrank(self, graph, site, rng):
         skip = site.skip
@@ -93,10 +119,19 @@ class LaurelPass(PassBase):
     def _previous(self, graph, site, stream):
         earlier = [s.fork for s in stream.sites[: site.depth] if s.fork.shape == site.skip.shape]
         if self.options.window:
-            earlier = earlier[-self.options.window:]
+            earlier = earlier[-self.options.window :]
         terms = []
         for j, value in enumerate(earlier):
             gamma = new_param(graph, self.name, site, f"gamma{j}", 0.0)
-            terms.append(insert_op(graph, "Mul", [value, gamma], before=site.add, pass_name=self.name,
-                                   name=f"{site.name}/prev{j}", like=site.skip))
+            terms.append(
+                insert_op(
+                    graph,
+                    "Mul",
+                    [value, gamma],
+                    before=site.add,
+                    pass_name=self.name,
+                    name=f"{site.name}/prev{j}",
+                    like=site.skip,
+                )
+            )
         return terms

@@ -43,8 +43,12 @@ class LayerScalePass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        init: str = dataclasses.field(default="1", metadata={
-            "help": "initial gamma: a number (1 keeps the function) or 'cait' (CaiT's eps by depth)"})
+        init: str = dataclasses.field(
+            default="1",
+            metadata={
+                "help": "initial gamma: a number (1 keeps the function) or 'cait' (CaiT's eps by depth)"
+            },
+        )
         sites: str = sites_option()
 
     def check_options(self) -> None:
@@ -52,7 +56,9 @@ class LayerScalePass(PassBase):
             try:
                 float(self.options.init)
             except ValueError:
-                raise PassError(f"layerscale: init must be a number or 'cait', not {self.options.init!r}") from None
+                raise PassError(
+                    f"layerscale: init must be a number or 'cait', not {self.options.init!r}"
+                ) from None
 
     @property
     def preserves_function(self) -> bool:
@@ -63,7 +69,9 @@ class LayerScalePass(PassBase):
         sites = [s for s in self.selected_sites(graph)]
         streams = {s.index: s for s in analysis.streams}
         for site in sites:
-            value = float(self.options.init) if self.options.init != "cait" else cait_init(streams[site.stream])
+            value = (
+                float(self.options.init) if self.options.init != "cait" else cait_init(streams[site.stream])
+            )
             try:
                 shape = vector_shape(site.branch)
             except Exception as exc:

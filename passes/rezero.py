@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._branch import multiply_operand, new_param
 from rescompile.infra import PassBase, PassResult, sites_option
 from rescompile.ir import Graph
+
+from ._branch import multiply_operand, new_param
 
 __all__ = ["RezeroPass"]
 
@@ -28,7 +29,9 @@ class RezeroPass(PassBase):
 
     @dataclasses.dataclass
     class Options:
-        init: float = dataclasses.field(default=1.0, metadata={"help": "initial alpha (1 keeps the function, 0 is the paper's)"})
+        init: float = dataclasses.field(
+            default=1.0, metadata={"help": "initial alpha (1 keeps the function, 0 is the paper's)"}
+        )
         sites: str = sites_option()
 
     @property

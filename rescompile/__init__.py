@@ -1,9 +1,9 @@
 """rescompile: a graph-rewriting compiler for the residual connections of neural networks.
 
-    import rescompile
-    report = rescompile.inspect("model.onnx")        # where are the residual adds?
-    proto = rescompile.apply("model.onnx", ["rezero"])  # rewrite them
-    result = rescompile.validate("model.onnx", proto)   # same outputs?
+import rescompile
+report = rescompile.inspect("model.onnx")        # where are the residual adds?
+proto = rescompile.apply("model.onnx", ["rezero"])  # rewrite them
+result = rescompile.validate("model.onnx", proto)   # same outputs?
 """
 
 from rescompile.api import InspectReport, apply, inspect, validate

@@ -21,8 +21,16 @@ from rescompile.ir import PARAM, Graph
 from rescompile.pipeline import build_passes, compile_model, is_torch_module, load, must_exist
 from rescompile.validation import DEFAULT_ATOL, DEFAULT_RTOL
 
-__all__ = ["InspectReport", "load", "inspect", "apply", "validate", "build_passes", "run_passes",
-           "is_torch_module"]
+__all__ = [
+    "InspectReport",
+    "load",
+    "inspect",
+    "apply",
+    "validate",
+    "build_passes",
+    "run_passes",
+    "is_torch_module",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +103,16 @@ def apply(model: Any, passes: Iterable[str | PassBase] | str, example_inputs: An
     return compile_model(model, passes, example_inputs=example_inputs, **kw).output
 
 
-def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float = DEFAULT_ATOL,
-             rtol: float = DEFAULT_RTOL, dims: dict[str, int] | None = None, seed: int = 0):
+def validate(
+    original: Any,
+    rewritten: Any,
+    inputs: Any = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    dims: dict[str, int] | None = None,
+    seed: int = 0,
+):
     """Run both models on the same inputs and compare outputs.
 
     Outputs agree when |new - original| <= atol * max(1, max|original|) + rtol * |original|
@@ -113,8 +129,10 @@ def validate(original: Any, rewritten: Any, inputs: Any = None, *, atol: float =
         a `ValidationResult`: per-output max abs/rel differences and `.ok`.
     """
     from rescompile.validation import ValidationResult, compare_onnx, diff, run_onnx
+
     if is_torch_module(original) or is_torch_module(rewritten):
         from rescompile.frontends.torch import compare_modules
+
         return compare_modules(original, rewritten, inputs, atol=atol, rtol=rtol)
     a, b = _onnx_source(original), _onnx_source(rewritten)
     if inputs is None:

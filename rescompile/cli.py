@@ -45,25 +45,51 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _torch_options(fn):
-    fn = click.option("--dynamic-timeout", type=float, default=None, metavar="SECONDS",
-                      help="Bound on the dynamic-shape capture of a pickled module before falling back "
-                           "to static shapes (default 20).")(fn)
-    fn = click.option("--dynamic/--static", "dynamic", default=None,
-                      help="Capture a pickled module with dynamic dims (waits however long torch.export "
-                           "takes) or with the example's static shapes; default: try dynamic within "
-                           "--dynamic-timeout, then static with a warning.")(fn)
-    fn = click.option("--trust-pickle", is_flag=True,
-                      help="Allow loading a pickled module from .pt/.pth (unpickling runs code).")(fn)
-    fn = click.option("--example-inputs", "example_file", type=click.Path(path_type=Path),
-                      help="A torch.save'd tuple or dict of example inputs (for .pt/.pth modules).")(fn)
+    fn = click.option(
+        "--dynamic-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Bound on the dynamic-shape capture of a pickled module before falling back "
+        "to static shapes (default 20).",
+    )(fn)
+    fn = click.option(
+        "--dynamic/--static",
+        "dynamic",
+        default=None,
+        help="Capture a pickled module with dynamic dims (waits however long torch.export "
+        "takes) or with the example's static shapes; default: try dynamic within "
+        "--dynamic-timeout, then static with a warning.",
+    )(fn)
+    fn = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow loading a pickled module from .pt/.pth (unpickling runs code).",
+    )(fn)
+    fn = click.option(
+        "--example-inputs",
+        "example_file",
+        type=click.Path(path_type=Path),
+        help="A torch.save'd tuple or dict of example inputs (for .pt/.pth modules).",
+    )(fn)
     return fn
 
 
 def _tolerance_options(fn):
-    fn = click.option("--rtol", default=DEFAULT_RTOL, show_default=True, type=float,
-                      help="Relative tolerance: allowed += rtol * |original|.")(fn)
-    fn = click.option("--atol", default=DEFAULT_ATOL, show_default=True, type=float,
-                      help="Absolute tolerance, times max(1, max|original|) of each output.")(fn)
+    fn = click.option(
+        "--rtol",
+        default=DEFAULT_RTOL,
+        show_default=True,
+        type=float,
+        help="Relative tolerance: allowed += rtol * |original|.",
+    )(fn)
+    fn = click.option(
+        "--atol",
+        default=DEFAULT_ATOL,
+        show_default=True,
+        type=float,
+        help="Absolute tolerance, times max(1, max|original|) of each output.",
+    )(fn)
     return fn
 
 
@@ -85,31 +111,43 @@ def _load_examples(path: Path | None):
     if not path.exists():
         raise RescompileError(f"--example-inputs {path}: no such file")
     import torch
+
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RescompileError(f"--example-inputs {path}: not a torch.save'd tuple or dict of tensors "
-                              f"({type(exc).__name__})") from exc
+        raise RescompileError(
+            f"--example-inputs {path}: not a torch.save'd tuple or dict of tensors ({type(exc).__name__})"
+        ) from exc
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @_torch_options
-def inspect(model: Path, as_json: bool, trust_pickle: bool, example_file: Path | None, dynamic: bool | None,
-            dynamic_timeout: float | None) -> None:
+def inspect(
+    model: Path,
+    as_json: bool,
+    trust_pickle: bool,
+    example_file: Path | None,
+    dynamic: bool | None,
+    dynamic_timeout: float | None,
+) -> None:
     """Show where MODEL's residual connections are (.onnx, .pt2, or .pt/.pth with --trust-pickle)."""
     from rescompile.api import inspect as inspect_model
-    report = inspect_model(model, _load_examples(example_file), trust_pickle=trust_pickle,
-                           **_capture(dynamic, dynamic_timeout))
+
+    report = inspect_model(
+        model, _load_examples(example_file), trust_pickle=trust_pickle, **_capture(dynamic, dynamic_timeout)
+    )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     console = make_console()
     console.print(site_table(report, f"{model}"))
     for stream in report.streams:
-        console.print(f"stream {stream.index}: {len(stream.sites)} sites, {stream.norm}-norm, "
-                      f"{stream.input.name} -> {stream.output.name}")
+        console.print(
+            f"stream {stream.index}: {len(stream.sites)} sites, {stream.norm}-norm, "
+            f"{stream.input.name} -> {stream.output.name}"
+        )
     console.print(summary(report))
 
 
@@ -122,40 +160,78 @@ def _same_file(a: Path, b: Path) -> bool:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-p", "--pass", "specs", multiple=True, required=True,
-              help="A pass as NAME or NAME:key=value,...; repeat to run several in order.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
-@click.option("--validate", "do_validate", is_flag=True,
-              help="Compare the result with MODEL in ONNX Runtime (function-preserving passes only).")
+@click.option(
+    "-p",
+    "--pass",
+    "specs",
+    multiple=True,
+    required=True,
+    help="A pass as NAME or NAME:key=value,...; repeat to run several in order.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result."
+)
+@click.option(
+    "--validate",
+    "do_validate",
+    is_flag=True,
+    help="Compare the result with MODEL in ONNX Runtime (function-preserving passes only).",
+)
 @_tolerance_options
-@click.option("--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate).")
+@click.option(
+    "--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate)."
+)
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker on the output.")
 @_torch_options
 @click.pass_context
-def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float, rtol: float, dims,
-          no_check: bool, trust_pickle: bool, example_file: Path | None, dynamic: bool | None,
-          dynamic_timeout: float | None) -> None:
+def apply(
+    ctx,
+    model: Path,
+    specs,
+    output: Path,
+    do_validate: bool,
+    atol: float,
+    rtol: float,
+    dims,
+    no_check: bool,
+    trust_pickle: bool,
+    example_file: Path | None,
+    dynamic: bool | None,
+    dynamic_timeout: float | None,
+) -> None:
     """Rewrite MODEL with passes and write the result to OUTPUT.
 
     ONNX models give ONNX; torch programs (.pt2, or .pt/.pth with --trust-pickle)
     give .pt2 or .onnx, chosen by OUTPUT's suffix."""
     from rescompile.pipeline import PICKLE_SUFFIXES, PT2_SUFFIX, compile_model
     from rescompile.validation import Tolerance
+
     if _same_file(model, output) or _same_file(Path(str(model) + ".data"), Path(str(output) + ".data")):
         raise RescompileError(f"-o {output} would overwrite the input; choose another output path")
     torch_input = model.suffix in (PT2_SUFFIX, *PICKLE_SUFFIXES)
     allowed = (".pt2", ".onnx") if torch_input else (".onnx",)
     if output.suffix not in allowed:
         raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}")
-    compiled = compile_model(model, specs, example_inputs=_load_examples(example_file), trust_pickle=trust_pickle,
-                             **_capture(dynamic, dynamic_timeout),
-                             output=output, check=not no_check, verify_each_pass=ctx.obj["debug"],
-                             validate=do_validate, tolerance=Tolerance(atol, rtol), dims=_parse_dims(dims))
+    compiled = compile_model(
+        model,
+        specs,
+        example_inputs=_load_examples(example_file),
+        trust_pickle=trust_pickle,
+        **_capture(dynamic, dynamic_timeout),
+        output=output,
+        check=not no_check,
+        verify_each_pass=ctx.obj["debug"],
+        validate=do_validate,
+        tolerance=Tolerance(atol, rtol),
+        dims=_parse_dims(dims),
+    )
     console = make_console()
     print_pass_stats(console, compiled)
     t = compiled.timings
-    console.print(f"wrote {output} ({len(compiled.graph):,} nodes) in {t['load'] + t['passes'] + t['export']:.2f}s "
-                  f"(load {t['load']:.2f}s, passes {t['passes']:.2f}s, save+check {t['export']:.2f}s)")
+    console.print(
+        f"wrote {output} ({len(compiled.graph):,} nodes) in {t['load'] + t['passes'] + t['export']:.2f}s "
+        f"(load {t['load']:.2f}s, passes {t['passes']:.2f}s, save+check {t['export']:.2f}s)"
+    )
     if do_validate:
         if compiled.validation is None:
             changed = ", ".join(p.name for p in compiled.passes if not p.preserves_function)
@@ -173,10 +249,13 @@ def apply(ctx, model: Path, specs, output: Path, do_validate: bool, atol: float,
 @click.option("--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def validate(original: Path, rewritten: Path, atol: float, rtol: float, dims, seed: int, as_json: bool) -> None:
+def validate(
+    original: Path, rewritten: Path, atol: float, rtol: float, dims, seed: int, as_json: bool
+) -> None:
     """Run ORIGINAL and REWRITTEN in ONNX Runtime on the same random inputs;
     exit 0 when every output is within tolerance, 1 otherwise."""
     from rescompile.api import validate as validate_models
+
     res = validate_models(original, rewritten, atol=atol, rtol=rtol, dims=_parse_dims(dims), seed=seed)
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=2))
@@ -192,6 +271,7 @@ def list_passes() -> None:
 
     from rescompile.infra import option_table
     from rescompile.passes import PASSES
+
     table = Table(title_justify="left", show_lines=True)
     for col in ("pass", "preserves function", "what it does", "options (default)"):
         table.add_column(col)
@@ -203,11 +283,18 @@ def list_passes() -> None:
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("rescompile-demo"),
-              show_default=True, help="Folder for the demo's model files.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("rescompile-demo"),
+    show_default=True,
+    help="Folder for the demo's model files.",
+)
 def demo(out_dir: Path) -> None:
     """Build a small transformer, export it, inspect it, rewrite it and validate it."""
     from rescompile.demo import run_demo
+
     run_demo(out_dir, make_console())
 
 
@@ -238,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"rescompile: error: {type(exc).__name__}: {message[:300]} (rerun with --debug for details)",
-                   err=True)
+        click.echo(
+            f"rescompile: error: {type(exc).__name__}: {message[:300]} (rerun with --debug for details)",
+            err=True,
+        )
         return 2
     return 0
 

@@ -10,6 +10,7 @@ __all__ = ["make_console", "site_table", "summary", "print_validation", "print_p
 
 def make_console():
     from rich.console import Console
+
     console = Console(highlight=False, soft_wrap=False)
     if not console.is_terminal:
         console.width = 160  # logs and pipes: do not squeeze tables to 80 columns
@@ -18,20 +19,31 @@ def make_console():
 
 def site_table(report, title: str):
     from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for col in ("site", "kind", "stream", "depth", "norm", "branch params", "skip", "branch"):
         table.add_column(col, justify="right" if col in ("stream", "depth", "branch params") else "left")
     for s in report.residuals:
-        table.add_row(s.name, s.kind, str(s.stream), str(s.depth), s.norm, f"{s.branch_params:,}",
-                      s.skip.name, s.branch.name)
+        table.add_row(
+            s.name,
+            s.kind,
+            str(s.stream),
+            str(s.depth),
+            s.norm,
+            f"{s.branch_params:,}",
+            s.skip.name,
+            s.branch.name,
+        )
     return table
 
 
 def summary(report) -> str:
     kinds = [s.kind for s in report.residuals]
-    return (f"{len(kinds)} residual sites ({kinds.count('identity')} identity, "
-            f"{kinds.count('projection')} projection) in {len(report.streams)} streams; "
-            f"{report.nodes:,} nodes, {report.params:,} parameters")
+    return (
+        f"{len(kinds)} residual sites ({kinds.count('identity')} identity, "
+        f"{kinds.count('projection')} projection) in {len(report.streams)} streams; "
+        f"{report.nodes:,} nodes, {report.params:,} parameters"
+    )
 
 
 def print_validation(console, res, *, expect_same: bool = True) -> None:
@@ -40,26 +52,48 @@ def print_validation(console, res, *, expect_same: bool = True) -> None:
     With `expect_same=False` (a pass that changes the function by design), differing
     outputs are the expected result and are not shown as a failure."""
     from rich.table import Table
+
     table = Table(title_justify="left")
-    for col in ("output", "shape", "max abs diff", "diff / max|original|", "diff / tolerance", "worst element",
-                "ok" if expect_same else "differs"):
+    for col in (
+        "output",
+        "shape",
+        "max abs diff",
+        "diff / max|original|",
+        "diff / tolerance",
+        "worst element",
+        "ok" if expect_same else "differs",
+    ):
         table.add_column(col)
     for o in res.outputs:
-        worst = "-" if o.worst is None or o.max_abs == 0 else f"{list(o.worst[0])}: {o.worst[1]:.6g} -> {o.worst[2]:.6g}"
+        worst = (
+            "-"
+            if o.worst is None or o.max_abs == 0
+            else f"{list(o.worst[0])}: {o.worst[1]:.6g} -> {o.worst[2]:.6g}"
+        )
         if expect_same:
             verdict = "yes" if o.ok else "[red]NO[/red]"
         else:
             verdict = "yes, as expected" if not o.ok else "no"
-        table.add_row(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      f"{o.ratio:.3g}", worst, verdict)
+        table.add_row(
+            o.name,
+            "x".join(map(str, o.shape)),
+            f"{o.max_abs:.3g}",
+            f"{o.max_rel:.3g}",
+            f"{o.ratio:.3g}",
+            worst,
+            verdict,
+        )
     console.print(table)
     dims = f" (dims {res.dims})" if res.dims else ""
     if expect_same:
         verdict = "within" if res.ok else "NOT within"
         console.print(f"validate: outputs {verdict} tolerance {res.tolerance}{dims}")
     else:
-        verdict = ("differ from the original, as expected" if not res.ok
-                   else "still equal the original, though the passes change the function")
+        verdict = (
+            "differ from the original, as expected"
+            if not res.ok
+            else "still equal the original, though the passes change the function"
+        )
         console.print(f"validate: outputs {verdict}{dims}")
 
 

@@ -27,8 +27,9 @@ class Block(nn.Module):
 class TinyTransformer(nn.Module):
     """Token embedding + learned positions, `layers` pre-norm blocks, final norm, LM head."""
 
-    def __init__(self, vocab: int = 97, width: int = 32, heads: int = 4, layers: int = 4,
-                 max_len: int = 64) -> None:
+    def __init__(
+        self, vocab: int = 97, width: int = 32, heads: int = 4, layers: int = 4, max_len: int = 64
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)

@@ -22,8 +22,18 @@ from rescompile.ir import Graph, IRError, verify
 from rescompile.ir._transaction import transaction
 from rescompile.ir.shapes import infer_shapes
 
-__all__ = ["PassBase", "PassResult", "PassManager", "PassError", "SiteSelector", "parse_spec",
-           "option_table", "sites_option", "streams_option", "select_streams"]
+__all__ = [
+    "PassBase",
+    "PassResult",
+    "PassManager",
+    "PassError",
+    "SiteSelector",
+    "parse_spec",
+    "option_table",
+    "sites_option",
+    "streams_option",
+    "select_streams",
+]
 
 logger = logging.getLogger("rescompile")
 
@@ -61,14 +71,17 @@ class SiteSelector:
             key, sep, arg = part.partition(":")
             if not sep or key not in ("stream", "depth", "name", "kind"):
                 raise RescompileError(
-                    f"bad site selector {part!r}: use all, stream:N, depth:A-B, name:GLOB or kind:K")
+                    f"bad site selector {part!r}: use all, stream:N, depth:A-B, name:GLOB or kind:K"
+                )
             if key == "depth":
                 lo, dash, hi = arg.partition("-")
                 if not lo.strip().isdigit() or (hi.strip() and not hi.strip().isdigit()):
                     raise RescompileError(f"bad depth range {arg!r}: use depth:A-B, e.g. depth:0-3")
                 if hi.strip() and int(lo) > int(hi):
-                    raise RescompileError(f"depth range {arg!r} is empty (it selects nothing on any model); "
-                                          "use depth:A-B with A <= B")
+                    raise RescompileError(
+                        f"depth range {arg!r} is empty (it selects nothing on any model); "
+                        "use depth:A-B with A <= B"
+                    )
             if key == "stream" and not all(s.strip().isdigit() for s in arg.split("|")):
                 raise RescompileError(f"bad stream list {arg!r}: use stream:N or stream:N|M")
             clauses.append((key, arg))
@@ -95,8 +108,10 @@ class SiteSelector:
 
 def sites_option() -> Any:
     """The `sites` option every site-level pass takes (see SiteSelector)."""
-    return dataclasses.field(default="all", metadata={
-        "help": "which sites: all, stream:N, depth:A-B, name:GLOB, kind:K (join with ';')"})
+    return dataclasses.field(
+        default="all",
+        metadata={"help": "which sites: all, stream:N, depth:A-B, name:GLOB, kind:K (join with ';')"},
+    )
 
 
 def streams_option() -> Any:
@@ -130,9 +145,11 @@ def _model_has(analysis: ResidualAnalysis, spec: str = "") -> str:
     sites = analysis.sites
     if not sites:
         return "the model has no residual sites"
-    text = (f"the model has {len(sites)} site{'s' * (len(sites) != 1)} in "
-            f"stream{'s' * (len(analysis.streams) != 1)} {_span([s.stream for s in sites])}, "
-            f"depths {_span([s.depth for s in sites])}")
+    text = (
+        f"the model has {len(sites)} site{'s' * (len(sites) != 1)} in "
+        f"stream{'s' * (len(analysis.streams) != 1)} {_span([s.stream for s in sites])}, "
+        f"depths {_span([s.depth for s in sites])}"
+    )
     if "kind:" in spec:
         text += f", kinds {'|'.join(sorted({s.kind for s in sites}))}"
     if "name:" in spec:
@@ -280,7 +297,7 @@ def _failure_message(pass_: PassBase, done: list[str], exc: Exception) -> str:
     reason = lines[0] if lines else ""
     prefix = f"{pass_.name}: "
     while reason.startswith(prefix):  # passes name themselves; say it once
-        reason = reason[len(prefix):]
+        reason = reason[len(prefix) :]
     if not isinstance(exc, RescompileError):
         reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
     where = _failing_site(exc)
@@ -336,8 +353,9 @@ def _convert(pass_name: str, field: dataclasses.Field, text: str) -> Any:
     except ValueError as exc:
         raise PassError(f"{pass_name}: bad value {text!r} for {field.name} ({exc})") from exc
     if choices and value not in choices:
-        raise PassError(f"{pass_name}: {field.name} must be one of {', '.join(map(str, choices))}, "
-                        f"not {text!r}")
+        raise PassError(
+            f"{pass_name}: {field.name} must be one of {', '.join(map(str, choices))}, not {text!r}"
+        )
     return value
 
 
@@ -349,8 +367,9 @@ def parse_spec(spec: str, table: Mapping[str, type[PassBase]]) -> PassBase:
     """
     name, _, rest = spec.strip().partition(":")
     if name not in table:
-        raise PassError(f"unknown pass {name!r}; available: {', '.join(sorted(table))} "
-                        "(see `rescompile passes`)")
+        raise PassError(
+            f"unknown pass {name!r}; available: {', '.join(sorted(table))} (see `rescompile passes`)"
+        )
     cls = table[name]
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
     options = {}
@@ -370,6 +389,13 @@ def option_table(cls: type[PassBase]) -> list[dict[str, Any]]:
     rows = []
     for f in dataclasses.fields(cls.Options):
         hint = f.type if isinstance(f.type, str) else f.type.__name__
-        rows.append({"name": f.name, "type": hint, "default": f.default,
-                     "choices": f.metadata.get("choices"), "help": f.metadata.get("help", "")})
+        rows.append(
+            {
+                "name": f.name,
+                "type": hint,
+                "default": f.default,
+                "choices": f.metadata.get("choices"),
+                "help": f.metadata.get("help", ""),
+            }
+        )
     return rows

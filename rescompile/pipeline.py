@@ -19,8 +19,16 @@ from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
 from rescompile.ir import Graph, verify
 from rescompile.validation import DEFAULT_TOLERANCE, Tolerance, ValidationResult
 
-__all__ = ["CompileResult", "build_passes", "load", "compile_model", "check_onnx", "is_torch_module",
-           "PT2_SUFFIX", "PICKLE_SUFFIXES"]
+__all__ = [
+    "CompileResult",
+    "build_passes",
+    "load",
+    "compile_model",
+    "check_onnx",
+    "is_torch_module",
+    "PT2_SUFFIX",
+    "PICKLE_SUFFIXES",
+]
 
 PT2_SUFFIX = ".pt2"
 PICKLE_SUFFIXES = (".pt", ".pth")
@@ -28,13 +36,20 @@ PICKLE_SUFFIXES = (".pt", ".pth")
 
 def is_torch_module(model: Any) -> bool:
     """True for nn.Module instances, without importing torch for other objects."""
-    return any(c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module"
-               for c in type(model).__mro__)
+    return any(
+        c.__module__ == "torch.nn.modules.module" and c.__name__ == "Module" for c in type(model).__mro__
+    )
 
 
-def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-         trust_pickle: bool = False, dynamic: bool | str | None = None,
-         dynamic_timeout: float | None = None) -> Graph:
+def load(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict | None = None,
+    trust_pickle: bool = False,
+    dynamic: bool | str | None = None,
+    dynamic_timeout: float | None = None,
+) -> Graph:
     """Import `model` into the IR.
 
     Args:
@@ -54,18 +69,22 @@ def load(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None 
     capture = {k: v for k, v in (("dynamic", dynamic), ("dynamic_timeout", dynamic_timeout)) if v is not None}
     if is_torch_module(model):
         from rescompile.frontends.torch import import_module
+
         return import_module(model, example_inputs, example_kwargs, **capture)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.suffix == PT2_SUFFIX:
             from rescompile.frontends.torch import load_pt2
+
             must_exist(path)
             return load_pt2(path)
         if path.suffix in PICKLE_SUFFIXES:
             from rescompile.frontends.torch import import_module, load_pickled_module
+
             module = load_pickled_module(path, trust_pickle=trust_pickle)
             return import_module(module, example_inputs, example_kwargs, **capture)
     from rescompile.frontends.onnx import load_onnx
+
     return load_onnx(model)
 
 
@@ -77,6 +96,7 @@ def must_exist(path: Path) -> None:
 def build_passes(passes: Iterable[str | PassBase] | str | PassBase) -> list[PassBase]:
     """Turn spec strings ("rezero", "rezero:init=0") and pass objects into passes."""
     from rescompile.passes import PASSES
+
     if isinstance(passes, (str, PassBase)):
         passes = [passes]
     built = []
@@ -90,6 +110,7 @@ def build_passes(passes: Iterable[str | PassBase] | str | PassBase) -> list[Pass
 def check_onnx(path: Path) -> None:
     """onnx.checker on a written model, as a one-line rescompile error."""
     import onnx
+
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx raises ValidationError and C++ errors
@@ -125,13 +146,23 @@ class CompileResult:
         return all(p.preserves_function for p in self.passes)
 
 
-def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase, *,
-                  example_inputs: Any = None, example_kwargs: dict | None = None,
-                  trust_pickle: bool = False, dynamic: bool | str | None = None,
-                  dynamic_timeout: float | None = None, output: str | os.PathLike | None = None,
-                  check: bool = True, verify_each_pass: bool = False, validate: bool = False,
-                  compare_with_changed: bool = False, tolerance: Tolerance = DEFAULT_TOLERANCE,
-                  dims: Mapping[str, int] | None = None) -> CompileResult:
+def compile_model(
+    model: Any,
+    passes: Sequence[str | PassBase] | str | PassBase,
+    *,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    trust_pickle: bool = False,
+    dynamic: bool | str | None = None,
+    dynamic_timeout: float | None = None,
+    output: str | os.PathLike | None = None,
+    check: bool = True,
+    verify_each_pass: bool = False,
+    validate: bool = False,
+    compare_with_changed: bool = False,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    dims: Mapping[str, int] | None = None,
+) -> CompileResult:
     """Load `model`, run `passes`, export, and optionally validate against the input.
 
     Args:
@@ -148,10 +179,17 @@ def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase,
     """
     built = build_passes(passes)  # a bad spec fails before a large model is loaded
     from rescompile.frontends import is_torch_graph
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle,
-                 dynamic=dynamic, dynamic_timeout=dynamic_timeout)
+    graph = load(
+        model,
+        example_inputs,
+        example_kwargs=example_kwargs,
+        trust_pickle=trust_pickle,
+        dynamic=dynamic,
+        dynamic_timeout=dynamic_timeout,
+    )
     timings["load"] = time.perf_counter() - t0
     # Modules are exported from the graph only after the passes: keep the reference now.
     t0 = time.perf_counter()
@@ -165,47 +203,82 @@ def compile_model(model: Any, passes: Sequence[str | PassBase] | str | PassBase,
     compiled = CompileResult(graph, built, result, dict(manager.timings), timings, exported)
     if validate and (compiled.preserves_function or compare_with_changed):
         t0 = time.perf_counter()
-        compiled.validation = _validate(model, graph, exported, output, example_inputs, example_kwargs,
-                                        trust_pickle, tolerance, dims, is_torch_graph(graph))
+        compiled.validation = _validate(
+            model,
+            graph,
+            exported,
+            output,
+            example_inputs,
+            example_kwargs,
+            trust_pickle,
+            tolerance,
+            dims,
+            is_torch_graph(graph),
+        )
         timings["validate"] = time.perf_counter() - t0
     return compiled
 
 
 def _export(graph: Graph, output: str | os.PathLike | None, check: bool) -> Any:
     from rescompile.frontends import is_torch_graph
+
     if is_torch_graph(graph):
         if output is not None:
             from rescompile.frontends.torch import save_program
+
             save_program(graph, output)
             return Path(output)
         from rescompile.frontends.torch import export_module
+
         return export_module(graph)
     if output is not None:
         from rescompile.frontends.onnx import save_onnx
+
         save_onnx(graph, output, check=check_onnx if check else None)
         return Path(output)
     import onnx_ir as ir
 
     from rescompile.frontends.onnx import export_model
+
     exported = export_model(graph)
     # A ModelProto must be self-contained: pull weights kept in external files into memory.
     ir.external_data.load_to_model(exported)
     return ir.serde.serialize_model(exported)
 
 
-def _validate(model: Any, graph: Graph, exported: Any, output, example_inputs, example_kwargs,
-              trust_pickle: bool, tolerance: Tolerance, dims, torch_graph: bool) -> ValidationResult:
+def _validate(
+    model: Any,
+    graph: Graph,
+    exported: Any,
+    output,
+    example_inputs,
+    example_kwargs,
+    trust_pickle: bool,
+    tolerance: Tolerance,
+    dims,
+    torch_graph: bool,
+) -> ValidationResult:
     if torch_graph:
         from rescompile.frontends.torch import compare_modules, example_inputs_of, export_module
-        reference = model if is_torch_module(model) else export_module(
-            load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle))
+
+        reference = (
+            model
+            if is_torch_module(model)
+            else export_module(
+                load(model, example_inputs, example_kwargs=example_kwargs, trust_pickle=trust_pickle)
+            )
+        )
         rewritten = exported if output is None else export_module(graph)
         args, kwargs = example_inputs_of(graph)
-        return compare_modules(reference, rewritten, args, kwargs=kwargs, atol=tolerance.atol,
-                               rtol=tolerance.rtol)
+        return compare_modules(
+            reference, rewritten, args, kwargs=kwargs, atol=tolerance.atol, rtol=tolerance.rtol
+        )
     from rescompile.validation import compare_onnx
+
     reference = model.SerializeToString() if hasattr(model, "SerializeToString") else model
     if not isinstance(reference, (str, os.PathLike, bytes)):
-        raise RescompileError(f"cannot validate against a {type(model).__name__}: pass a path or a ModelProto")
+        raise RescompileError(
+            f"cannot validate against a {type(model).__name__}: pass a path or a ModelProto"
+        )
     rewritten = str(exported) if output is not None else exported.SerializeToString()
     return compare_onnx(reference, rewritten, atol=tolerance.atol, rtol=tolerance.rtol, dims=dims)

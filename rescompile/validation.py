@@ -20,13 +20,28 @@ import numpy as np
 
 from rescompile.errors import RescompileError
 
-__all__ = ["Tolerance", "DEFAULT_TOLERANCE", "OutputDiff", "ValidationResult", "diff", "assert_close", "assert_ok",
-           "random_onnx_inputs", "run_onnx", "compare_onnx"]
+__all__ = [
+    "Tolerance",
+    "DEFAULT_TOLERANCE",
+    "OutputDiff",
+    "ValidationResult",
+    "diff",
+    "assert_close",
+    "assert_ok",
+    "random_onnx_inputs",
+    "run_onnx",
+    "compare_onnx",
+]
 
 _ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -124,24 +139,38 @@ class ValidationResult:
         return Tolerance(self.atol, self.rtol)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "atol": self.atol, "rtol": self.rtol, "dims": self.dims,
-                "outputs": [o.to_json() for o in self.outputs]}
+        return {
+            "ok": self.ok,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "dims": self.dims,
+            "outputs": [o.to_json() for o in self.outputs],
+        }
 
 
 def _session(model: str | os.PathLike | bytes):
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         source = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise RescompileError(f"ONNX Runtime cannot load {model if not isinstance(model, bytes) else 'the model'}: "
-                              f"{str(exc).splitlines()[0][:200]}") from exc
+        raise RescompileError(
+            f"ONNX Runtime cannot load {model if not isinstance(model, bytes) else 'the model'}: "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from exc
 
 
-def random_onnx_inputs(model: str | os.PathLike | bytes, *, dims: Mapping[str, int] | None = None,
-                       default_dim: int = 2, int_high: int = 2, seed: int = 0):
+def random_onnx_inputs(
+    model: str | os.PathLike | bytes,
+    *,
+    dims: Mapping[str, int] | None = None,
+    default_dim: int = 2,
+    int_high: int = 2,
+    seed: int = 0,
+):
     """Random feeds for `model`'s inputs; returns (feeds, dims actually used)."""
     session = model if hasattr(model, "get_inputs") else _session(model)
     rng = np.random.default_rng(seed)
@@ -179,7 +208,9 @@ def run_onnx(model: str | os.PathLike | bytes, feeds: Mapping[str, np.ndarray]) 
     wanted = {i.name for i in session.get_inputs()}
     missing = wanted - set(feeds)
     if missing:
-        raise RescompileError(f"the rewritten model needs inputs the original does not have: {sorted(missing)}")
+        raise RescompileError(
+            f"the rewritten model needs inputs the original does not have: {sorted(missing)}"
+        )
     outputs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
     return dict(zip(names, outputs))
 
@@ -208,8 +239,15 @@ def diff(name: str, want, got, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT
     index = tuple(int(i) for i in np.unravel_index(flat, want.shape))
     ratio = float(ratios.reshape(-1)[flat])
     max_abs = float(err.max())
-    return OutputDiff(name, tuple(want.shape), max_abs, max_abs / top if top > 0 else max_abs, ratio <= 1.0,
-                      ratio, (index, float(w64[index]), float(g64[index])))
+    return OutputDiff(
+        name,
+        tuple(want.shape),
+        max_abs,
+        max_abs / top if top > 0 else max_abs,
+        ratio <= 1.0,
+        ratio,
+        (index, float(w64[index]), float(g64[index])),
+    )
 
 
 # Per-test record of the worst ratio seen by `assert_close` (read by tests/conftest.py's margin report).
@@ -221,17 +259,22 @@ def assert_close(got, want, tolerance: Tolerance = DEFAULT_TOLERANCE, *, name: s
     are compared leaf by leaf by the caller). The test suite's one numerical check."""
     res = diff(name, _numpy(want), _numpy(got), tolerance.atol, tolerance.rtol)
     observed_ratios.append(res.ratio)
-    assert res.ok, (f"{name}: max abs diff {res.max_abs:.3g}, {res.max_rel:.3g} of max|want|, "
-                    f"{res.ratio:.3g}x the tolerance ({tolerance}); worst element {res.worst}")
+    assert res.ok, (
+        f"{name}: max abs diff {res.max_abs:.3g}, {res.max_rel:.3g} of max|want|, "
+        f"{res.ratio:.3g}x the tolerance ({tolerance}); worst element {res.worst}"
+    )
     return res
 
 
 def assert_ok(result: ValidationResult) -> ValidationResult:
-    """Assert that a `compare_onnx` / `validate` result is within its tolerance (recorded like assert_close)."""
+    """Assert that a `compare_onnx` / `validate` result is within its tolerance (recorded as
+    assert_close records)."""
     observed_ratios.append(result.ratio)
     worst = max(result.outputs, key=lambda o: o.ratio, default=None)
-    assert result.ok, (f"{worst.name}: max abs diff {worst.max_abs:.3g}, {worst.max_rel:.3g} of max|want|, "
-                       f"{worst.ratio:.3g}x the tolerance ({result.tolerance}); worst element {worst.worst}")
+    assert result.ok, (
+        f"{worst.name}: max abs diff {worst.max_abs:.3g}, {worst.max_rel:.3g} of max|want|, "
+        f"{worst.ratio:.3g}x the tolerance ({result.tolerance}); worst element {worst.worst}"
+    )
     return result
 
 
@@ -242,9 +285,15 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def compare_onnx(original: str | os.PathLike | bytes, rewritten: str | os.PathLike | bytes, *,
-                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, dims: Mapping[str, int] | None = None,
-                 seed: int = 0) -> ValidationResult:
+def compare_onnx(
+    original: str | os.PathLike | bytes,
+    rewritten: str | os.PathLike | bytes,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> ValidationResult:
     """Run both models on the same random inputs and compare their outputs.
 
     Outputs are matched by name where the names agree, else by position.
@@ -254,6 +303,6 @@ def compare_onnx(original: str | os.PathLike | bytes, rewritten: str | os.PathLi
     new = run_onnx(rewritten, feeds)
     if len(ref) != len(new):
         raise RescompileError(f"the models have {len(ref)} and {len(new)} outputs")
-    pairs = (zip(ref, ref) if set(ref) == set(new) else zip(ref, new))
+    pairs = zip(ref, ref) if set(ref) == set(new) else zip(ref, new)
     diffs = tuple(diff(a, ref[a], new[b], atol, rtol) for a, b in pairs)
     return ValidationResult(diffs, atol, rtol, used)

@@ -21,9 +21,14 @@ CACHE = Path(os.environ.get("RESCOMPILE_MODEL_CACHE", ROOT / ".cache" / "models"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--tolerance-margin", type=float, default=None, metavar="K",
-                     help="fail a test whose numerical checks use more than 1/K of the tolerance "
-                          "(and print the worst diff/tolerance ratio of each test)")
+    parser.addoption(
+        "--tolerance-margin",
+        type=float,
+        default=None,
+        metavar="K",
+        help="fail a test whose numerical checks use more than 1/K of the tolerance "
+        "(and print the worst diff/tolerance ratio of each test)",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +36,7 @@ def _tolerance_margin(request, record_property):
     """Record the worst diff/tolerance ratio of the test's assert_close / assert_ok checks; with
     --tolerance-margin K, a ratio above 1/K fails the test (the suite must hold at tolerance / K)."""
     from rescompile import validation
+
     validation.observed_ratios.clear()
     yield
     if validation.observed_ratios:
@@ -55,8 +61,10 @@ def pytest_terminal_summary(terminalreporter, config):
     for value, nodeid in rows:
         terminalreporter.write_line(f"{value:9.4f}  {nodeid}")
     if rows:
-        terminalreporter.write_line(f"worst ratio {rows[0][0]:.4f} over {len(rows)} tests "
-                                    f"(margin 1/{config.getoption('--tolerance-margin'):g})")
+        terminalreporter.write_line(
+            f"worst ratio {rows[0][0]:.4f} over {len(rows)} tests "
+            f"(margin 1/{config.getoption('--tolerance-margin'):g})"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +74,20 @@ def onnx_model():
 
     def get(name: str, exporter: str = "dynamo") -> Path:
         return cached_onnx(name, exporter, CACHE)
+
     return get
 
 
 @pytest.fixture
 def model_copy(onnx_model, tmp_path):
     """A private copy (model + external data) that a test may modify or delete."""
+
     def get(name: str, exporter: str = "dynamo") -> Path:
         src = onnx_model(name, exporter)
         for f in src.parent.glob(src.name + "*"):
             shutil.copy(f, tmp_path / f.name)
         return tmp_path / src.name
+
     return get
 
 
@@ -105,4 +116,5 @@ def assert_preserves(onnx_model, tmp_path):
             want = pytree.tree_leaves(case.module(*case.args, **case.kwargs))[0]
             got = pytree.tree_leaves(module(*case.args, **case.kwargs))[0]
         assert_close(got, want)
+
     return check

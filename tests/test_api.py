@@ -11,10 +11,15 @@ from rescompile.validation import assert_ok
 
 def test_public_names_are_pinned():
     assert sorted(rescompile.__all__) == sorted(
-        ["inspect", "apply", "validate", "InspectReport", "RescompileError", "__version__"])
+        ["inspect", "apply", "validate", "InspectReport", "RescompileError", "__version__"]
+    )
     assert list(pyinspect.signature(rescompile.inspect).parameters)[:2] == ["model", "example_inputs"]
     assert list(pyinspect.signature(rescompile.apply).parameters)[:3] == ["model", "passes", "example_inputs"]
-    assert list(pyinspect.signature(rescompile.validate).parameters)[:3] == ["original", "rewritten", "inputs"]
+    assert list(pyinspect.signature(rescompile.validate).parameters)[:3] == [
+        "original",
+        "rewritten",
+        "inputs",
+    ]
 
 
 def test_inspect_apply_validate_on_onnx(onnx_model):

@@ -14,8 +14,9 @@ from rescompile.validation import random_onnx_inputs, run_onnx
 
 def run(*args):
     """Run the real console entry point in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "rescompile", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rescompile", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -35,7 +36,9 @@ def test_apply_identity_is_bit_identical_and_input_untouched(onnx_model, tmp_pat
     src = onnx_model("llama")
     before = src.read_bytes()
     out = tmp_path / "rt.onnx"
-    code, stdout, stderr = run("apply", src, "-p", "identity", "-o", out, "--validate", "--atol", "0", "--rtol", "0")
+    code, stdout, stderr = run(
+        "apply", src, "-p", "identity", "-o", out, "--validate", "--atol", "0", "--rtol", "0"
+    )
     assert code == 0, stderr
     assert "validate: outputs within tolerance atol=0 (x max|want|) rtol=0" in stdout  # bit-exact
     assert src.read_bytes() == before
@@ -47,8 +50,19 @@ def test_apply_identity_is_bit_identical_and_input_untouched(onnx_model, tmp_pat
 
 def test_apply_chain_and_validate_skips_non_preserving(onnx_model, tmp_path, capsys):
     out = tmp_path / "g.onnx"
-    code = main(["apply", str(onnx_model("gpt2")), "-p", "rezero", "-p", "rezero:init=0,sites=stream:0",
-                 "-o", str(out), "--validate"])
+    code = main(
+        [
+            "apply",
+            str(onnx_model("gpt2")),
+            "-p",
+            "rezero",
+            "-p",
+            "rezero:init=0,sites=stream:0",
+            "-o",
+            str(out),
+            "--validate",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     assert "rezero: sites=4" in text and "validate: skipped, rezero changes the function" in text
@@ -65,6 +79,7 @@ def test_validate_json_and_dims(onnx_model, tmp_path, capsys):
 
 def test_passes_lists_every_pass_with_options(capsys):
     from rescompile.passes import PASSES
+
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     for name in PASSES:
@@ -72,18 +87,21 @@ def test_passes_lists_every_pass_with_options(capsys):
     assert "init=1.0" in out and "sites=all" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["inspect", "missing.onnx"], "no such file"),
-    (["apply", "{src}", "-p", "nosuchpass", "-o", "{tmp}/o.onnx"], "unknown pass 'nosuchpass'"),
-    (["apply", "{src}", "-p", "rezero:nope=1", "-o", "{tmp}/o.onnx"], "unknown option 'nope'"),
-    (["apply", "{src}", "-p", "rezero:init=abc", "-o", "{tmp}/o.onnx"], "bad value 'abc' for init"),
-    (["apply", "{src}", "-p", "rezero:sites=depth:x", "-o", "{tmp}/o.onnx"], "bad depth range"),
-    (["apply", "{src}", "-p", "identity", "-o", "{src}"], "would overwrite the input"),
-    (["inspect", "{tmp}/garbage.onnx"], "not a readable ONNX model"),
-    (["inspect", "{tmp}"], "is a directory"),
-    (["validate", "{src}"], "Missing argument"),
-    (["bogus"], "No such command"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["inspect", "missing.onnx"], "no such file"),
+        (["apply", "{src}", "-p", "nosuchpass", "-o", "{tmp}/o.onnx"], "unknown pass 'nosuchpass'"),
+        (["apply", "{src}", "-p", "rezero:nope=1", "-o", "{tmp}/o.onnx"], "unknown option 'nope'"),
+        (["apply", "{src}", "-p", "rezero:init=abc", "-o", "{tmp}/o.onnx"], "bad value 'abc' for init"),
+        (["apply", "{src}", "-p", "rezero:sites=depth:x", "-o", "{tmp}/o.onnx"], "bad depth range"),
+        (["apply", "{src}", "-p", "identity", "-o", "{src}"], "would overwrite the input"),
+        (["inspect", "{tmp}/garbage.onnx"], "not a readable ONNX model"),
+        (["inspect", "{tmp}"], "is a directory"),
+        (["validate", "{src}"], "Missing argument"),
+        (["bogus"], "No such command"),
+    ],
+)
 def test_errors_are_one_line_with_exit_2(onnx_model, tmp_path, args, message):
     (tmp_path / "garbage.onnx").write_bytes(b"\x08\x01garbage" * 50)
     src = onnx_model("plain_mlp", "legacy")
@@ -97,25 +115,43 @@ def test_errors_are_one_line_with_exit_2(onnx_model, tmp_path, args, message):
 
 
 def test_onnx_work_does_not_import_torch(onnx_model, tmp_path):
+    src, out = str(onnx_model("gpt2")), str(tmp_path / "o.onnx")
     code = (
         "import sys; from rescompile.cli import main\n"
-        f"assert main(['inspect', {str(onnx_model('gpt2'))!r}, '--json']) == 0\n"
-        f"assert main(['apply', {str(onnx_model('gpt2'))!r}, '-p', 'rezero', '-o', {str(tmp_path / 'o.onnx')!r}]) == 0\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n")
+        f"assert main(['inspect', {src!r}, '--json']) == 0\n"
+        f"assert main(['apply', {src!r}, '-p', 'rezero', '-o', {out!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_apply_compensated_depthscale_then_fold_keeps_function_and_size(onnx_model, tmp_path, capsys):
     import onnx as _onnx
+
     src = onnx_model("llama")
     out = tmp_path / "d.onnx"
-    assert main(["apply", str(src), "-p", "depthscale:compensate=true", "-p", "fold", "-o", str(out),
-                 "--validate"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                str(src),
+                "-p",
+                "depthscale:compensate=true",
+                "-p",
+                "fold",
+                "-o",
+                str(out),
+                "--validate",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "depthscale: sites=4" in text and "fold: folded=4" in text and "outputs within" in text
-    assert len(_onnx.load(str(out), load_external_data=False).graph.node) == \
-        len(_onnx.load(str(src), load_external_data=False).graph.node)
+    assert len(_onnx.load(str(out), load_external_data=False).graph.node) == len(
+        _onnx.load(str(src), load_external_data=False).graph.node
+    )
 
 
 def test_bad_selectors_fail_before_loading(capsys):

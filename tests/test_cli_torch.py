@@ -21,7 +21,9 @@ def test_pt2_inspect_apply_to_pt2_and_onnx(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     assert "4 residual sites (3 identity, 1 projection) in 2 streams" in capsys.readouterr().out
     assert main(["apply", str(path), "-p", "rezero", "-o", str(tmp_path / "o.pt2"), "--validate"]) == 0
-    assert "validate: outputs within tolerance atol=1e-05 (x max|want|) rtol=0.0001" in capsys.readouterr().out
+    assert (
+        "validate: outputs within tolerance atol=1e-05 (x max|want|) rtol=0.0001" in capsys.readouterr().out
+    )
     program = torch.export.load(str(tmp_path / "o.pt2"))
     with torch.no_grad():
         assert_close(program.module()(*case.args), case.module(*case.args))
@@ -40,11 +42,36 @@ def test_pickles_need_trust_and_state_dicts_are_refused(tmp_path, capsys):
     assert "--trust-pickle" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "sd.pt"), "--trust-pickle"]) == 2
     assert "holds a state dict" in capsys.readouterr().err
-    assert main(["inspect", str(tmp_path / "m.pt"), "--trust-pickle", "--example-inputs",
-                 str(tmp_path / "inputs.pt")]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(tmp_path / "m.pt"),
+                "--trust-pickle",
+                "--example-inputs",
+                str(tmp_path / "inputs.pt"),
+            ]
+        )
+        == 0
+    )
     assert "3 residual sites" in capsys.readouterr().out
-    assert main(["apply", str(tmp_path / "m.pt"), "--trust-pickle", "--example-inputs",
-                 str(tmp_path / "inputs.pt"), "-p", "rezero", "-o", str(tmp_path / "m.pt2"), "--validate"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                str(tmp_path / "m.pt"),
+                "--trust-pickle",
+                "--example-inputs",
+                str(tmp_path / "inputs.pt"),
+                "-p",
+                "rezero",
+                "-o",
+                str(tmp_path / "m.pt2"),
+                "--validate",
+            ]
+        )
+        == 0
+    )
     assert "within" in capsys.readouterr().out
 
 

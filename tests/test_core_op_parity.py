@@ -61,82 +61,114 @@ def const(array):
 
 
 CASES: dict[str, list[Case]] = {
-    "Add": [Case("same", [inp(f32(2, 3, 4)), inp(f32(2, 3, 4))]),
-            Case("per-channel", [inp(f32(2, 3, 4)), const(f32(4))]),
-            Case("nchw-channel", [inp(f32(2, 3, 4, 5)), const(f32(3, 1, 1))]),
-            Case("scalar", [inp(f32(2, 3)), const(np.float32(1.5))]),
-            Case("int", [inp(i64(1, -2, 3)), inp(i64(4, 5, -6))])],
-    "Sub": [Case("broadcast", [inp(f32(2, 3, 4)), inp(f32(3, 1))]),
-            Case("int", [inp(i64(1, -2, 3)), inp(i64(7))])],
-    "Mul": [Case("per-channel", [inp(f32(2, 3, 4)), const(f32(4))]),
-            Case("rows", [inp(f32(2, 5, 4, 6)), const(f32(4, 1))]),
-            Case("scalar", [inp(f32(2, 3)), const(np.float32(2.0))]),
-            Case("int", [inp(i64(1, -2, 3)), inp(i64(4, 5, -6))])],
-    "Div": [Case("norm", [inp(f32(2, 5, 4, 3)), inp(f32(2, 5, 4, 1, low=0.5))]),
-            Case("int-trunc", [inp(i64(7, -7, 9, -9)), inp(i64(2, 2, -4, -4))])],
-    "MatMul": [Case("matrix-on-batch", [inp(f32(5, 4)), inp(f32(2, 3, 4, 8))]),
-               Case("batch-on-matrix", [inp(f32(2, 3, 8)), const(f32(8, 4))]),
-               Case("row-reduce", [const(f32(1, 4)), inp(f32(2, 3, 4, 8))]),
-               Case("batched", [inp(f32(2, 3, 4, 5)), inp(f32(2, 3, 5, 6))]),
-               Case("broadcast-batch", [inp(f32(3, 1, 4, 5)), inp(f32(2, 5, 6))]),
-               Case("vectors", [inp(f32(2, 3, 4)), inp(f32(4))])],
+    "Add": [
+        Case("same", [inp(f32(2, 3, 4)), inp(f32(2, 3, 4))]),
+        Case("per-channel", [inp(f32(2, 3, 4)), const(f32(4))]),
+        Case("nchw-channel", [inp(f32(2, 3, 4, 5)), const(f32(3, 1, 1))]),
+        Case("scalar", [inp(f32(2, 3)), const(np.float32(1.5))]),
+        Case("int", [inp(i64(1, -2, 3)), inp(i64(4, 5, -6))]),
+    ],
+    "Sub": [
+        Case("broadcast", [inp(f32(2, 3, 4)), inp(f32(3, 1))]),
+        Case("int", [inp(i64(1, -2, 3)), inp(i64(7))]),
+    ],
+    "Mul": [
+        Case("per-channel", [inp(f32(2, 3, 4)), const(f32(4))]),
+        Case("rows", [inp(f32(2, 5, 4, 6)), const(f32(4, 1))]),
+        Case("scalar", [inp(f32(2, 3)), const(np.float32(2.0))]),
+        Case("int", [inp(i64(1, -2, 3)), inp(i64(4, 5, -6))]),
+    ],
+    "Div": [
+        Case("norm", [inp(f32(2, 5, 4, 3)), inp(f32(2, 5, 4, 1, low=0.5))]),
+        Case("int-trunc", [inp(i64(7, -7, 9, -9)), inp(i64(2, 2, -4, -4))]),
+    ],
+    "MatMul": [
+        Case("matrix-on-batch", [inp(f32(5, 4)), inp(f32(2, 3, 4, 8))]),
+        Case("batch-on-matrix", [inp(f32(2, 3, 8)), const(f32(8, 4))]),
+        Case("row-reduce", [const(f32(1, 4)), inp(f32(2, 3, 4, 8))]),
+        Case("batched", [inp(f32(2, 3, 4, 5)), inp(f32(2, 3, 5, 6))]),
+        Case("broadcast-batch", [inp(f32(3, 1, 4, 5)), inp(f32(2, 5, 6))]),
+        Case("vectors", [inp(f32(2, 3, 4)), inp(f32(4))]),
+    ],
     "Sigmoid": [Case("", [inp(f32(2, 3, 4) * 4)])],
     "Tanh": [Case("", [inp(f32(2, 3, 4) * 4)])],
     "Relu": [Case("", [inp(f32(2, 3, 4))]), Case("int", [inp(i64(-1, 0, 2))])],
     "Sqrt": [Case("", [inp(f32(2, 3, 4, low=0.0))])],
-    "Max": [Case("eps", [inp(f32(2, 3, 1)), const(np.float32(1e-1))]),
-            Case("one", [inp(f32(2, 3))]),
-            Case("three", [inp(f32(2, 3)), inp(f32(3)), inp(f32(2, 1))])],
-    "Slice": [Case("rows", [inp(f32(2, 3, 7, 4)), const(i64(1)), const(i64(5)), const(i64(-2))]),
-              Case("no-axes", [inp(f32(6, 4)), const(i64(1, 0)), const(i64(4, 3))]),
-              Case("clamped", [inp(f32(6, 4)), const(i64(-3)), const(i64(1 << 62)), const(i64(0))]),
-              Case("steps", [inp(f32(6, 8)), const(i64(0, 7)), const(i64(6, 0)), const(i64(0, 1)),
-                             const(i64(2, -3))]),
-              Case("reverse", [inp(f32(5, 3)), const(i64(-1)), const(i64(-(1 << 62))), const(i64(0)),
-                               const(i64(-1))]),
-              Case("omitted-axes", [inp(f32(6, 4)), const(i64(1)), const(i64(5)), None, const(i64(2))]),
-              Case("computed-bounds", [inp(f32(6, 4)), inp(i64(1)), inp(i64(3)), inp(i64(1))])],
+    "Max": [
+        Case("eps", [inp(f32(2, 3, 1)), const(np.float32(1e-1))]),
+        Case("one", [inp(f32(2, 3))]),
+        Case("three", [inp(f32(2, 3)), inp(f32(3)), inp(f32(2, 1))]),
+    ],
+    "Slice": [
+        Case("rows", [inp(f32(2, 3, 7, 4)), const(i64(1)), const(i64(5)), const(i64(-2))]),
+        Case("no-axes", [inp(f32(6, 4)), const(i64(1, 0)), const(i64(4, 3))]),
+        Case("clamped", [inp(f32(6, 4)), const(i64(-3)), const(i64(1 << 62)), const(i64(0))]),
+        Case(
+            "steps", [inp(f32(6, 8)), const(i64(0, 7)), const(i64(6, 0)), const(i64(0, 1)), const(i64(2, -3))]
+        ),
+        Case(
+            "reverse", [inp(f32(5, 3)), const(i64(-1)), const(i64(-(1 << 62))), const(i64(0)), const(i64(-1))]
+        ),
+        Case("omitted-axes", [inp(f32(6, 4)), const(i64(1)), const(i64(5)), None, const(i64(2))]),
+        Case("computed-bounds", [inp(f32(6, 4)), inp(i64(1)), inp(i64(3)), inp(i64(1))]),
+    ],
     "Identity": [Case("", [inp(f32(2, 3))]), Case("int", [inp(i64(1, 2))])],
-    "Concat": [Case("last", [inp(f32(2, 3)), inp(f32(2, 4)), const(f32(2, 1))], {"axis": -1}),
-               Case("first", [inp(f32(1, 3)), inp(f32(2, 3))], {"axis": 0}),
-               Case("int", [inp(i64(1, 2)), inp(i64(3))], {"axis": 0})],
-    "Transpose": [Case("perm", [inp(f32(2, 3, 4, 5))], {"perm": [0, 2, 3, 1]}),
-                  Case("swap-last", [inp(f32(2, 3, 4))], {"perm": [0, 2, 1]}),
-                  Case("default", [inp(f32(2, 3, 4))])],
-    "Reshape": [Case("split", [inp(f32(2, 3, 8)), const(i64(0, 0, 2, -1))]),
-                Case("merge", [inp(f32(2, 3, 2, 4)), const(i64(0, 0, -1))]),
-                Case("column", [inp(f32(6)), const(i64(-1, 1))]),
-                Case("allowzero", [inp(f32(2, 3)), const(i64(3, 2))], {"allowzero": 1}),
-                Case("computed-shape", [inp(f32(2, 6)), inp(i64(3, 4))])],
-    "ReduceMean": [Case("axes-input", [inp(f32(2, 3, 4)), const(i64(-1))]),
-                   Case("no-keepdims", [inp(f32(2, 3, 4)), const(i64(0, 2))], {"keepdims": 0}),
-                   Case("all", [inp(f32(2, 3, 4))]),
-                   Case("all-no-keepdims", [inp(f32(2, 3, 4))], {"keepdims": 0}),
-                   Case("noop", [inp(f32(2, 3))], {"noop_with_empty_axes": 1}),
-                   Case("opset13-axes-attr", [inp(f32(2, 3, 4))], {"axes": [1], "keepdims": 1}, opset=13)],
-    "ReduceSum": [Case("norm", [inp(f32(2, 5, 4, 6)), const(i64(-1))], {"keepdims": 1}),
-                  Case("channel", [inp(f32(2, 3, 4, 5)), const(i64(1))], {"keepdims": 1}),
-                  Case("no-keepdims", [inp(f32(2, 3, 4)), const(i64(0, -1))], {"keepdims": 0}),
-                  Case("all", [inp(f32(2, 3, 4))]),
-                  Case("noop", [inp(f32(2, 3))], {"noop_with_empty_axes": 1}),
-                  Case("int", [inp(i64(1, 2, 3))], {"keepdims": 0})],
-    "Softmax": [Case("last", [inp(f32(2, 3, 4))]),
-                Case("axis", [inp(f32(2, 3, 4))], {"axis": 1})],
-    "Gather": [Case("rows", [inp(f32(5, 3)), const(i64(4, 0, -1))]),
-               Case("axis", [inp(f32(2, 5, 3)), const(i64(1, 3))], {"axis": -2}),
-               Case("matrix", [inp(f32(5, 3)), inp(np.array([[0, 1], [4, -2]], np.int64))]),
-               Case("scalar", [inp(f32(5, 3)), inp(np.array(2, np.int64))], {"axis": 0})],
-    "Expand": [Case("batch", [inp(f32(1, 3, 1)), const(i64(2, 3, 4))]),
-               Case("keeps-ones", [inp(f32(2, 3)), const(i64(1, 1))]),
-               Case("rank-up", [inp(f32(3, 1)), const(i64(2, 1, 4))])],
-    "Unsqueeze": [Case("axes", [inp(f32(2, 3)), const(i64(0, -1))]),
-                  Case("middle", [inp(f32(2, 3)), const(i64(1))])],
-    "Squeeze": [Case("axes", [inp(f32(2, 1, 3, 1)), const(i64(1, -1))]),
-                Case("all", [inp(f32(1, 2, 1, 3))])],
-    "Cast": [Case("to-f16", [inp(f32(2, 3))], {"to": onnx.TensorProto.FLOAT16}, out_dtype="float16"),
-             Case("to-int", [inp(f32(2, 3) * 5)], {"to": onnx.TensorProto.INT64}, out_dtype="int64"),
-             Case("to-f32", [inp(i64(1, -2, 3))], {"to": onnx.TensorProto.FLOAT}, out_dtype="float32"),
-             Case("to-bool", [inp(f32(2, 3).round())], {"to": onnx.TensorProto.BOOL}, out_dtype="bool")],
+    "Concat": [
+        Case("last", [inp(f32(2, 3)), inp(f32(2, 4)), const(f32(2, 1))], {"axis": -1}),
+        Case("first", [inp(f32(1, 3)), inp(f32(2, 3))], {"axis": 0}),
+        Case("int", [inp(i64(1, 2)), inp(i64(3))], {"axis": 0}),
+    ],
+    "Transpose": [
+        Case("perm", [inp(f32(2, 3, 4, 5))], {"perm": [0, 2, 3, 1]}),
+        Case("swap-last", [inp(f32(2, 3, 4))], {"perm": [0, 2, 1]}),
+        Case("default", [inp(f32(2, 3, 4))]),
+    ],
+    "Reshape": [
+        Case("split", [inp(f32(2, 3, 8)), const(i64(0, 0, 2, -1))]),
+        Case("merge", [inp(f32(2, 3, 2, 4)), const(i64(0, 0, -1))]),
+        Case("column", [inp(f32(6)), const(i64(-1, 1))]),
+        Case("allowzero", [inp(f32(2, 3)), const(i64(3, 2))], {"allowzero": 1}),
+        Case("computed-shape", [inp(f32(2, 6)), inp(i64(3, 4))]),
+    ],
+    "ReduceMean": [
+        Case("axes-input", [inp(f32(2, 3, 4)), const(i64(-1))]),
+        Case("no-keepdims", [inp(f32(2, 3, 4)), const(i64(0, 2))], {"keepdims": 0}),
+        Case("all", [inp(f32(2, 3, 4))]),
+        Case("all-no-keepdims", [inp(f32(2, 3, 4))], {"keepdims": 0}),
+        Case("noop", [inp(f32(2, 3))], {"noop_with_empty_axes": 1}),
+        Case("opset13-axes-attr", [inp(f32(2, 3, 4))], {"axes": [1], "keepdims": 1}, opset=13),
+    ],
+    "ReduceSum": [
+        Case("norm", [inp(f32(2, 5, 4, 6)), const(i64(-1))], {"keepdims": 1}),
+        Case("channel", [inp(f32(2, 3, 4, 5)), const(i64(1))], {"keepdims": 1}),
+        Case("no-keepdims", [inp(f32(2, 3, 4)), const(i64(0, -1))], {"keepdims": 0}),
+        Case("all", [inp(f32(2, 3, 4))]),
+        Case("noop", [inp(f32(2, 3))], {"noop_with_empty_axes": 1}),
+        Case("int", [inp(i64(1, 2, 3))], {"keepdims": 0}),
+    ],
+    "Softmax": [Case("last", [inp(f32(2, 3, 4))]), Case("axis", [inp(f32(2, 3, 4))], {"axis": 1})],
+    "Gather": [
+        Case("rows", [inp(f32(5, 3)), const(i64(4, 0, -1))]),
+        Case("axis", [inp(f32(2, 5, 3)), const(i64(1, 3))], {"axis": -2}),
+        Case("matrix", [inp(f32(5, 3)), inp(np.array([[0, 1], [4, -2]], np.int64))]),
+        Case("scalar", [inp(f32(5, 3)), inp(np.array(2, np.int64))], {"axis": 0}),
+    ],
+    "Expand": [
+        Case("batch", [inp(f32(1, 3, 1)), const(i64(2, 3, 4))]),
+        Case("keeps-ones", [inp(f32(2, 3)), const(i64(1, 1))]),
+        Case("rank-up", [inp(f32(3, 1)), const(i64(2, 1, 4))]),
+    ],
+    "Unsqueeze": [
+        Case("axes", [inp(f32(2, 3)), const(i64(0, -1))]),
+        Case("middle", [inp(f32(2, 3)), const(i64(1))]),
+    ],
+    "Squeeze": [Case("axes", [inp(f32(2, 1, 3, 1)), const(i64(1, -1))]), Case("all", [inp(f32(1, 2, 1, 3))])],
+    "Cast": [
+        Case("to-f16", [inp(f32(2, 3))], {"to": onnx.TensorProto.FLOAT16}, out_dtype="float16"),
+        Case("to-int", [inp(f32(2, 3) * 5)], {"to": onnx.TensorProto.INT64}, out_dtype="int64"),
+        Case("to-f32", [inp(i64(1, -2, 3))], {"to": onnx.TensorProto.FLOAT}, out_dtype="float32"),
+        Case("to-bool", [inp(f32(2, 3).round())], {"to": onnx.TensorProto.BOOL}, out_dtype="bool"),
+    ],
 }
 
 
@@ -157,9 +189,15 @@ def _graph(op: str, case: Case) -> Graph:
     node.output.dtype = case.out_dtype or next(v.dtype for v in inputs if v is not None)
     graph.append(node)
     graph.set_outputs([node.output])
-    graph.source = TorchSource(codegen=fx.graph.CodeGen(), placeholders=[v.name for v in graph.inputs],
-                               output_template=_Slot(0), buffers_persistent={}, training=False,
-                               module_name="parity", method="torch.fx")
+    graph.source = TorchSource(
+        codegen=fx.graph.CodeGen(),
+        placeholders=[v.name for v in graph.inputs],
+        output_template=_Slot(0),
+        buffers_persistent={},
+        training=False,
+        module_name="parity",
+        method="torch.fx",
+    )
     return graph
 
 
@@ -207,10 +245,13 @@ def test_core_op_agrees_in_torch_and_onnx_runtime(op):
             raise AssertionError(f"{op} [{case.id}]: {exc}") from None
 
 
-@pytest.mark.parametrize("op, case", [
-    ("Sub", Case("int-const", [inp(i64(1, -2, 3)), const(i64(7))])),
-    ("Gather", Case("scalar-const", [inp(f32(5, 3)), const(np.array(2, np.int64))])),
-])
+@pytest.mark.parametrize(
+    "op, case",
+    [
+        ("Sub", Case("int-const", [inp(i64(1, -2, 3)), const(i64(7))])),
+        ("Gather", Case("scalar-const", [inp(f32(5, 3)), const(np.array(2, np.int64))])),
+    ],
+)
 def test_small_integer_constants_as_data(op, case):
     _compare(_run_torch(_graph(op, case), case), _run_onnx(_graph(op, case), case))
 

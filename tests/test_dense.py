@@ -33,18 +33,21 @@ def test_uniform_weights_equal_a_running_mean():
         h = x
         for norm, fc1, fc2 in zip(base.norms, base.fc1, base.fc2):
             outs.append(h + fc2(torch.relu(fc1(norm(h)))))  # raw block output
-            h = torch.stack(outs).mean(0)                     # the depth-weighted average
+            h = torch.stack(outs).mean(0)  # the depth-weighted average
         want = base.head(h)
         got = module(x)
     assert not torch.allclose(got, base(x), atol=1e-3)
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("dense:block_size=1", {0: [0, 1], 1: [0, 1, 2], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3, 4]}),
-    ("dense:block_size=1,dilation=2", {0: [1], 1: [0, 2], 2: [1, 3], 3: [0, 2, 4]}),
-    ("dense:block_size=1,period=2", {1: [0, 1, 2], 3: [0, 1, 2, 3, 4]}),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("dense:block_size=1", {0: [0, 1], 1: [0, 1, 2], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3, 4]}),
+        ("dense:block_size=1,dilation=2", {0: [1], 1: [0, 2], 2: [1, 3], 3: [0, 2, 4]}),
+        ("dense:block_size=1,period=2", {1: [0, 1, 2], 3: [0, 1, 2, 3, 4]}),
+    ],
+)
 def test_dilation_and_period_pick_terms(spec, expected):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
@@ -67,6 +70,7 @@ def test_refusals():
 @pytest.mark.parametrize("spec", ["hyper:n=2,dynamic=true", "frac:m=2,dynamic=true", "dense:block_size=1"])
 def test_stream_passes_check_in_onnx_and_train_in_torch(onnx_model, tmp_path, spec):
     import onnx
+
     graph = load_onnx(onnx_model("gpt2"))
     run_passes(graph, build_passes([spec.replace(",block_size=1", "")]))
     save_onnx(graph, tmp_path / "s.onnx")

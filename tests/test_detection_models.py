@@ -12,8 +12,15 @@ from rescompile.analysis.residuals import find_residuals
 from rescompile.frontends.onnx import load_onnx
 from tools.models import build
 
-NEEDS = {"tv_swin": "torchvision", "tv_resnet18": "torchvision", "tv_resnet50": "torchvision",
-         "tv_regnet": "torchvision", "cait": "timm", "hf_swin": "transformers", "cropped_tokens": None}
+NEEDS = {
+    "tv_swin": "torchvision",
+    "tv_resnet18": "torchvision",
+    "tv_resnet50": "torchvision",
+    "tv_regnet": "torchvision",
+    "cait": "timm",
+    "hf_swin": "transformers",
+    "cropped_tokens": None,
+}
 MODELS = list(NEEDS)
 
 
@@ -52,8 +59,9 @@ def test_torch(name, tmp_path):
     if case.dynamic_shapes is None:
         report = rescompile.inspect(case.module, case.args, example_kwargs=case.kwargs, dynamic=False)
     else:
-        program = torch.export.export(case.module, case.args, case.kwargs, dynamic_shapes=case.dynamic_shapes,
-                                      strict=False)
+        program = torch.export.export(
+            case.module, case.args, case.kwargs, dynamic_shapes=case.dynamic_shapes, strict=False
+        )
         torch.export.save(program, tmp_path / "model.pt2")
         report = rescompile.inspect(tmp_path / "model.pt2")
     _check(report.analysis, case)
@@ -90,6 +98,7 @@ def test_swin_layerscale_on_every_site_onnx(onnx_model, tmp_path):
 
     from rescompile.api import build_passes, run_passes
     from rescompile.frontends.onnx import save_onnx
+
     case = _case("tv_swin")
     src = onnx_model("tv_swin")
     graph = load_onnx(src)
@@ -114,8 +123,11 @@ def test_swin_layerscale_on_every_site_torch():
     assert _close(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="passes/_branch.py channel_axis takes axis 1 for every rank-4 "
-                   "tensor; Swin's stream is [B, H, W, C] (channels last), so gamma gets H entries")
+@pytest.mark.xfail(
+    strict=True,
+    reason="passes/_branch.py channel_axis takes axis 1 for every rank-4 "
+    "tensor; Swin's stream is [B, H, W, C] (channels last), so gamma gets H entries",
+)
 def test_swin_layerscale_gamma_is_per_channel():
     case = _case("tv_swin")
     module = rescompile.apply(case.module, ["layerscale"], case.args, dynamic=False)

@@ -21,6 +21,7 @@ SPECS = ["hyper:n=1", "hyper", "hyper:dynamic=true", "hyper:n=2,dynamic=true"]
 @pytest.mark.parametrize("spec", SPECS)
 def test_preserves_function_onnx(onnx_model, tmp_path, name, spec):
     import onnx
+
     src = onnx_model(name)
     graph = load_onnx(src)
     result = run_passes(graph, build_passes([spec]))
@@ -46,7 +47,9 @@ def test_preserves_function_torch(name, spec):
 @pytest.mark.parametrize("name,reason", [("bert", "post-norm"), ("residual_cnn", "post-activation")])
 def test_refuses_impure_streams_naming_the_site(name, reason):
     case = build(name)
-    with pytest.raises(rescompile.RescompileError, match=f"hyper: site .* reads the stream through .*{reason}"):
+    with pytest.raises(
+        rescompile.RescompileError, match=f"hyper: site .* reads the stream through .*{reason}"
+    ):
         rescompile.apply(case.module, ["hyper"], case.args, example_kwargs=case.kwargs)
 
 
@@ -77,7 +80,9 @@ class Plain(nn.Module):
     def __init__(self):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)) for _ in range(LAYERS))
+            nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+            for _ in range(LAYERS)
+        )
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, 5)
 
@@ -93,9 +98,11 @@ class WithPackage(nn.Module):
     def __init__(self, plain: Plain):
         super().__init__()
         from hyper_connections import HyperConnections
+
         self.plain = plain
-        self.hcs = nn.ModuleList(HyperConnections(N, dim=D, branch=b, layer_index=k)
-                                 for k, b in enumerate(plain.branches))
+        self.hcs = nn.ModuleList(
+            HyperConnections(N, dim=D, branch=b, layer_index=k) for k, b in enumerate(plain.branches)
+        )
 
     def forward(self, x):
         b = x.shape[0]
@@ -131,12 +138,14 @@ def _copy_into_ours(ours: nn.Module, package: WithPackage, dynamic: bool):
       norm.gamma, dynamic_*_scale                                     -> ours norm_gain, dynamic_*_scale
     """
     params = dict(ours.named_parameters())
-    sites = sorted({k.split(".")[2] for k in params if k.startswith("rescompile.hyper.") and
-                    k.endswith("static_alpha")}, key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
+    sites = sorted(
+        {k.split(".")[2] for k in params if k.startswith("rescompile.hyper.") and k.endswith("static_alpha")},
+        key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0,
+    )
     assert len(sites) == LAYERS
     with torch.no_grad():
         for site, hc in zip(sites, package.hcs):
-            p = lambda role: params[f"rescompile.hyper.{site}.{role}"]  # noqa: E731
+            p = lambda role, site=site: params[f"rescompile.hyper.{site}.{role}"]  # noqa: E731
             p("static_alpha").copy_(hc.static_alpha)
             p("static_beta").copy_(hc.static_beta[:, None])
             if dynamic:
@@ -174,23 +183,28 @@ def test_frac_preserves_function(assert_preserves, name, spec):
 def test_frac_matches_hand_written_formula():
     """Perturbed static connections against H_new = B^T split(T(merge(Gamma^T H))) + A^T H."""
     from tools.models import ResidualMLP
+
     torch.manual_seed(0)
     base, m = ResidualMLP().eval(), 2
     x = torch.randn(2, 5, 16)
     module = rescompile.apply(base, [f"frac:m={m}"], (x,))
     params = dict(module.named_parameters())
-    sites = sorted({k.split(".")[2] for k in params if k.startswith("rescompile.frac.")},
-                   key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0)
+    sites = sorted(
+        {k.split(".")[2] for k in params if k.startswith("rescompile.frac.")},
+        key=lambda s: int(s.split("_")[-1]) if s[-1].isdigit() else 0,
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for site in sites:
             for role in ("static_alpha", "static_beta"):
-                params[f"rescompile.frac.{site}.{role}"].add_(0.3 * torch.randn(params[f"rescompile.frac.{site}.{role}"].shape))
+                params[f"rescompile.frac.{site}.{role}"].add_(
+                    0.3 * torch.randn(params[f"rescompile.frac.{site}.{role}"].shape)
+                )
         h = x.reshape(2, 5, m, 16 // m)
         for site, norm, fc1, fc2 in zip(sites, base.norms, base.fc1, base.fc2):
-            alpha = params[f"rescompile.frac.{site}.static_alpha"]       # [Gamma | A], rows = source fraction
+            alpha = params[f"rescompile.frac.{site}.static_alpha"]  # [Gamma | A], rows = source fraction
             gamma_t, a_t = alpha[:, :m].T, alpha[:, m:].T
-            beta = params[f"rescompile.frac.{site}.static_beta"]         # B, [m, 1]
+            beta = params[f"rescompile.frac.{site}.static_beta"]  # B, [m, 1]
             h_in = (gamma_t @ h).reshape(2, 5, 16)
             t = fc2(torch.relu(fc1(norm(h_in))))
             h = beta * t.reshape(2, 5, m, 16 // m) + a_t @ h

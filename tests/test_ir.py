@@ -99,7 +99,7 @@ def test_verify_catches_use_before_definition():
 
 def test_remove_dead_and_unique_deterministic_names():
     g, x, w, mm, add = small_graph()
-    a = g.append(Node("Relu", [x], name="add"))   # clashing node name
+    a = g.append(Node("Relu", [x], name="add"))  # clashing node name
     b = g.append(Node("Relu", [a.output], name="add"))
     assert (a.name, b.name) == ("add_1", "add_2")
     assert g.remove_dead() == 2

@@ -80,20 +80,38 @@ def test_moved_nodes_are_written_in_their_new_order(onnx_model, tmp_path):
 def structure(model):
     """Everything a reader of the file sees, by name."""
     g = model.graph
-    nodes = [(n.domain, n.op_type, n.name, [v.name if v is not None else "" for v in n.inputs],
-              [v.name for v in n.outputs], sorted((k, repr(a.value)) for k, a in n.attributes.items()))
-             for n in g]
+    nodes = [
+        (
+            n.domain,
+            n.op_type,
+            n.name,
+            [v.name if v is not None else "" for v in n.inputs],
+            [v.name for v in n.outputs],
+            sorted((k, repr(a.value)) for k, a in n.attributes.items()),
+        )
+        for n in g
+    ]
     inits = {name: (v.const_value.numpy().tobytes(), v.shape, v.type) for name, v in g.initializers.items()}
     values = {v.name: (v.shape, v.type) for n in g for v in n.outputs}
-    return nodes, inits, values, [v.name for v in g.inputs], [v.name for v in g.outputs], dict(model.opset_imports)
+    return (
+        nodes,
+        inits,
+        values,
+        [v.name for v in g.inputs],
+        [v.name for v in g.outputs],
+        dict(model.opset_imports),
+    )
 
 
-@pytest.mark.parametrize("name,specs", [
-    ("gpt2", ["hyper:n=4,dynamic=true"]),
-    ("resnet50", ["layerscale:init=0.5", "fold"]),
-    ("llama", ["decay:compensate=true", "laurel:variant=lr"]),
-    ("vit", ["dense", "rezero"]),
-])
+@pytest.mark.parametrize(
+    "name,specs",
+    [
+        ("gpt2", ["hyper:n=4,dynamic=true"]),
+        ("resnet50", ["layerscale:init=0.5", "fold"]),
+        ("llama", ["decay:compensate=true", "laurel:variant=lr"]),
+        ("vit", ["dense", "rezero"]),
+    ],
+)
 def test_writing_edits_back_equals_building_a_fresh_model(onnx_model, name, specs):
     graph = load_onnx(onnx_model(name))
     run_passes(graph, build_passes(specs))
@@ -121,9 +139,12 @@ def test_changed_shapes_types_names_and_attributes_are_written_back(onnx_model):
     assert written.outputs[0].type.dtype == ir.DataType.FLOAT16
 
 
-@pytest.mark.parametrize("name,exporter,external", [("gpt2", "dynamo", "m.onnx.data"), ("bert", "legacy", None)])
-def test_chunked_writer_writes_what_onnx_ir_save_writes(onnx_model, tmp_path, monkeypatch, name, exporter,
-                                                        external):
+@pytest.mark.parametrize(
+    "name,exporter,external", [("gpt2", "dynamo", "m.onnx.data"), ("bert", "legacy", None)]
+)
+def test_chunked_writer_writes_what_onnx_ir_save_writes(
+    onnx_model, tmp_path, monkeypatch, name, exporter, external
+):
     monkeypatch.setattr(_onnx_write, "_NODES_PER_CHUNK", 7)  # many chunks, one ending short
     model = ir.load(onnx_model(name, exporter))
     before = ir.serde.serialize_model(model)
@@ -132,8 +153,9 @@ def test_chunked_writer_writes_what_onnx_ir_save_writes(onnx_model, tmp_path, mo
     write_model(model, ours / "m.onnx", external_data=external)
     ir.save(model, theirs / "m.onnx", external_data=external)
     assert ir.serde.serialize_model(model) == before  # the model is left unchanged
-    assert (onnx.load(str(ours / "m.onnx"), load_external_data=False)
-            == onnx.load(str(theirs / "m.onnx"), load_external_data=False))
+    assert onnx.load(str(ours / "m.onnx"), load_external_data=False) == onnx.load(
+        str(theirs / "m.onnx"), load_external_data=False
+    )
     if external:
         assert (ours / external).read_bytes() == (theirs / external).read_bytes()
     onnx.checker.check_model(str(ours / "m.onnx"), full_check=True)
@@ -141,14 +163,27 @@ def test_chunked_writer_writes_what_onnx_ir_save_writes(onnx_model, tmp_path, mo
 
 def test_chunked_writer_keeps_local_functions_and_metadata(tmp_path):
     from onnx import TensorProto, helper
-    double = helper.make_function("custom", "Double", ["x"], ["y"], [helper.make_node("Add", ["x", "x"], ["y"])],
-                                  [helper.make_opsetid("", 18)])
+
+    double = helper.make_function(
+        "custom",
+        "Double",
+        ["x"],
+        ["y"],
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        [helper.make_opsetid("", 18)],
+    )
     graph = helper.make_graph(
         [helper.make_node("Double", ["a"], ["b"], domain="custom"), helper.make_node("Relu", ["b"], ["c"])],
-        "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
-    proto = helper.make_model(graph, functions=[double], doc_string="doc",
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("custom", 1)])
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
+    )
+    proto = helper.make_model(
+        graph,
+        functions=[double],
+        doc_string="doc",
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("custom", 1)],
+    )
     helper.set_model_props(proto, {"k": "v"})
     model = ir.serde.deserialize_model(proto)
     write_model(model, tmp_path / "ours.onnx")

@@ -9,8 +9,14 @@ from rescompile.errors import RescompileError
 from rescompile.frontends.onnx import load_onnx, save_onnx
 from rescompile.validation import random_onnx_inputs, run_onnx
 
-MODELS = [("gpt2", "dynamo"), ("llama", "dynamo"), ("bert", "legacy"), ("vit", "dynamo"),
-          ("resnet50", "dynamo"), ("resnet50", "legacy")]
+MODELS = [
+    ("gpt2", "dynamo"),
+    ("llama", "dynamo"),
+    ("bert", "legacy"),
+    ("vit", "dynamo"),
+    ("resnet50", "dynamo"),
+    ("resnet50", "legacy"),
+]
 
 
 @pytest.mark.parametrize("name,exporter", MODELS)
@@ -70,6 +76,7 @@ def test_failed_check_leaves_no_output(onnx_model, tmp_path):
     def refuse(path):
         assert path.exists()
         raise RescompileError("no")
+
     with pytest.raises(RescompileError):
         save_onnx(load_onnx(onnx_model("gpt2")), tmp_path / "out.onnx", check=refuse)
     assert list(tmp_path.iterdir()) == []
@@ -84,11 +91,14 @@ def test_shapes_and_roles_are_imported(onnx_model):
     assert len(known) > 0.9 * sum(len(n.outputs) for n in graph)
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such file"),
-    (b"", "file is empty"),
-    (b"this is not onnx at all \x00\xff" * 10, "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        (b"", "file is empty"),
+        (b"this is not onnx at all \x00\xff" * 10, "not a readable ONNX model"),
+    ],
+)
 def test_bad_files_give_one_line_errors(tmp_path, content, message):
     path = tmp_path / "m.onnx"
     if content is not None:
@@ -116,20 +126,33 @@ def test_unsupported_opset(onnx_model, tmp_path):
 def _handmade_model(with_shapes: bool):
     """x -> f(x) (a local function) -> + x, without value_info unless asked."""
     from onnx import TensorProto, helper
+
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel() * 0.5)
-    func = helper.make_function("local", "Branch", ["a", "b"], ["c"],
-                                [helper.make_node("MatMul", ["a", "b"], ["m"]),
-                                 helper.make_node("Relu", ["m"], ["c"])],
-                                [helper.make_opsetid("", 18)])
-    nodes = [helper.make_node("Branch", ["x", "w"], ["f"], domain="local", name="branch"),
-             helper.make_node("MatMul", ["f", "w"], ["g"], name="mm"),
-             helper.make_node("Add", ["x", "g"], ["y"], name="residual")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    func = helper.make_function(
+        "local",
+        "Branch",
+        ["a", "b"],
+        ["c"],
+        [helper.make_node("MatMul", ["a", "b"], ["m"]), helper.make_node("Relu", ["m"], ["c"])],
+        [helper.make_opsetid("", 18)],
+    )
+    nodes = [
+        helper.make_node("Branch", ["x", "w"], ["f"], domain="local", name="branch"),
+        helper.make_node("MatMul", ["f", "w"], ["g"], name="mm"),
+        helper.make_node("Add", ["x", "g"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [w],
+    )
     if with_shapes:
         graph.value_info.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "fg"])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
-                             functions=[func])
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)], functions=[func]
+    )
 
 
 def test_local_functions_survive_and_missing_shapes_are_inferred(tmp_path):

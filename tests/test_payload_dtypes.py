@@ -51,15 +51,22 @@ def _model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     elem = ir.DataType.from_numpy(next(iter(weights.values())).dtype).value
     nodes, x = [], "x"
     for b in range(BLOCKS):
-        nodes += [helper.make_node("LayerNormalization", [x, f"ln{b}.g", f"ln{b}.b"], [f"n{b}"], axis=-1),
-                  helper.make_node("MatMul", [f"n{b}", f"w{b}"], [f"m{b}"]),
-                  helper.make_node("Add", [f"m{b}", f"b{b}"], [f"branch{b}"]),
-                  helper.make_node("Add", [x, f"branch{b}"], [f"h{b}"])]
+        nodes += [
+            helper.make_node("LayerNormalization", [x, f"ln{b}.g", f"ln{b}.b"], [f"n{b}"], axis=-1),
+            helper.make_node("MatMul", [f"n{b}", f"w{b}"], [f"m{b}"]),
+            helper.make_node("Add", [f"m{b}", f"b{b}"], [f"branch{b}"]),
+            helper.make_node("Add", [x, f"branch{b}"], [f"h{b}"]),
+        ]
         x = f"h{b}"
     nodes.append(helper.make_node("LayerNormalization", [x, "lnf.g", "lnf.b"], ["y"], axis=-1))
     inits = [ir.serde.serialize_tensor(ir.Tensor(v, name=k)) for k, v in weights.items()]
-    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", elem, [2, 4, D])],
-                              [helper.make_tensor_value_info("y", elem, [2, 4, D])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "stack",
+        [helper.make_tensor_value_info("x", elem, [2, 4, D])],
+        [helper.make_tensor_value_info("y", elem, [2, 4, D])],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
@@ -71,8 +78,12 @@ def _as_float32(path) -> bytes:
     """The model with every bf16/fp16 tensor and type widened to fp32 (exact), for ONNX Runtime."""
     model = ir.load(path)
     graph = model.graph
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values(),
-              *(out for node in graph for out in node.outputs)]
+    values = [
+        *graph.inputs,
+        *graph.outputs,
+        *graph.initializers.values(),
+        *(out for node in graph for out in node.outputs),
+    ]
     for value in values:
         if value.dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT16):
             value.dtype = ir.DataType.FLOAT
@@ -94,16 +105,21 @@ def test_onnx_payloads_keep_dtype_and_bytes(tmp_path, dtype, pipeline, source):
     weights = _weights(DTYPES[dtype])
     src = tmp_path / "in.onnx"
     if source == "external-data":  # lazy, memory-mapped payloads
-        ir.save(ir.serde.deserialize_model(_model(weights)), src, external_data="in.onnx.data",
-                size_threshold_bytes=0)
+        ir.save(
+            ir.serde.deserialize_model(_model(weights)),
+            src,
+            external_data="in.onnx.data",
+            size_threshold_bytes=0,
+        )
     else:
         onnx.save(_model(weights), src)
     # A file is written back into (export syncs the loaded model); a caller's model is rebuilt.
     graph = load_onnx(ir.load(src) if source == "onnx_ir.Model" else src)
     run_passes(graph, build_passes(specs))
     # Between passes too, each payload holds what its value says (not float64 awaiting export).
-    assert {v.name: np.asarray(v.payload).dtype.name for v in graph.initializers.values()} == \
-           {v.name: v.dtype for v in graph.initializers.values()}
+    assert {v.name: np.asarray(v.payload).dtype.name for v in graph.initializers.values()} == {
+        v.name: v.dtype for v in graph.initializers.values()
+    }
     save_onnx(graph, tmp_path / "out.onnx")
     out = _initializers(tmp_path / "out.onnx")
 
@@ -147,8 +163,9 @@ def test_an_unchanged_onnx_model_keeps_every_payload_byte(tmp_path):
         run_passes(graph, build_passes(["identity"]))
         save_onnx(graph, tmp_path / "out.onnx")
         out = _initializers(tmp_path / "out.onnx")
-        assert {k: (v.dtype, v.tobytes()) for k, v in out.items()} == \
-               {k: (v.dtype, v.tobytes()) for k, v in weights.items()}
+        assert {k: (v.dtype, v.tobytes()) for k, v in out.items()} == {
+            k: (v.dtype, v.tobytes()) for k, v in weights.items()
+        }
 
 
 class _Block(nn.Module):

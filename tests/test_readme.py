@@ -40,9 +40,12 @@ def test_cli_examples_run(tmp_path, monkeypatch, capsys):
     torch.export.save(torch.export.export(module, example_inputs(), strict=False), "model.pt2")
     torch.save(module, "model.pt")
     torch.save(example_inputs(), "inputs.pt")
-    lines = [line.split("#", 1)[0].strip()
-             for block in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
-             for line in block.splitlines() if line.startswith("rescompile ")]
+    lines = [
+        line.split("#", 1)[0].strip()
+        for block in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
+        for line in block.splitlines()
+        if line.startswith("rescompile ")
+    ]
     assert len(lines) >= 8
     for line in lines:
         args = shlex.split(line)[1:]

@@ -46,7 +46,8 @@ def assert_layer_weights_gone(graph, layer):
     ln_1): still read by the other layers, it stays."""
     assert all(v.uses() for v in graph.initializers.values())
     assert [n for n in graph.initializers if f".h.{layer}." in n] == (
-        ["module.h.0.ln_1.weight", "module.h.0.ln_1.bias"] if layer == 0 else [])
+        ["module.h.0.ln_1.weight", "module.h.0.ln_1.bias"] if layer == 0 else []
+    )
 
 
 def add_before(graph, anchor, inputs, name):
@@ -79,7 +80,7 @@ def test_removing_both_branches_of_a_gpt2_layer_equals_deleting_the_layer(onnx_m
 def test_removing_a_gpt2_block_region_equals_deleting_the_layer(onnx_model, tmp_path, layer):
     case = build("gpt2")
     graph = load_onnx(onnx_model("gpt2"))
-    attn, mlp = find_residuals(graph).sites[2 * layer:2 * layer + 2]
+    attn, mlp = find_residuals(graph).sites[2 * layer : 2 * layer + 2]
     block = Region.of_block([attn, mlp])
     assert attn.add in block and mlp.add in block
     assert block.entries == (attn.fork,) and block.exits == (mlp.output,)
@@ -294,8 +295,9 @@ def test_region_of_branch_matches_the_analysis(onnx_model):
         assert set(site.nodes) <= set(region.nodes)
         assert site.add not in region
         assert region.entries == (site.fork,) and region.exits == (site.branch,)
-        assert {p.name for p in region.params} >= {v.name for n in site.weighted for v in n.inputs
-                                                      if v is not None and v.role == PARAM}
+        assert {p.name for p in region.params} >= {
+            v.name for n in site.weighted for v in n.inputs if v is not None and v.role == PARAM
+        }
     with pytest.raises(IRError, match="not consecutive"):
         Region.of_block([sites[1], sites[0]])
 
@@ -419,6 +421,7 @@ def test_clone_fed_from_the_branch_gives_a_heun_step(onnx_model, tmp_path):
 
         def branch(t):
             return m.fc2[-1](torch.relu(m.fc1[-1](m.norms[-1](t))))
+
         want = m.head(h + (branch(h) + branch(h + branch(h))) / 2).numpy()
     got = run(graph, tmp_path, {"input_0": case.args[0].numpy()})
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -7,9 +7,12 @@ from rescompile.frontends.onnx import load_onnx
 from rescompile.ir import OpKind
 from tools.models import HF_CASES, SYNTHETIC_CASES, build
 
-CASES = [(name, exporter) for name, make in {**HF_CASES, **SYNTHETIC_CASES}.items()
-         for exporter in ("dynamo", "legacy")
-         if name not in ("gpt2", "llama") or exporter == "dynamo"]  # legacy fails on aten::diff
+CASES = [
+    (name, exporter)
+    for name, make in {**HF_CASES, **SYNTHETIC_CASES}.items()
+    for exporter in ("dynamo", "legacy")
+    if name not in ("gpt2", "llama") or exporter == "dynamo"
+]  # legacy fails on aten::diff
 
 
 @pytest.mark.parametrize("name,exporter", CASES)
@@ -53,8 +56,9 @@ def test_gpt2_rejected_adds_are_the_expected_ones(onnx_model):
     reported = {s.add for s in find_residuals(graph).sites}
     adds = [n for n in graph if n.kind is OpKind.ADD]
     assert len(adds) > len(reported) + 4
-    same_shape_rejected = [n for n in adds if n not in reported
-                           and n.inputs[0].shape == n.inputs[1].shape == n.outputs[0].shape]
+    same_shape_rejected = [
+        n for n in adds if n not in reported and n.inputs[0].shape == n.inputs[1].shape == n.outputs[0].shape
+    ]
     assert same_shape_rejected, "the test must include adds that shape checks cannot reject"
 
 
@@ -64,9 +68,14 @@ def test_attention_mask_add_is_not_a_residual(onnx_model):
     graph = load_onnx(onnx_model("masked_attention"))
     analysis = find_residuals(graph)
     reported = {s.add for s in analysis.sites}
-    mask_adds = [n for n in graph if n.kind is OpKind.ADD and n not in reported
-                 and len(n.outputs[0].shape or ()) == 4
-                 and n.inputs[0].shape == n.inputs[1].shape]
+    mask_adds = [
+        n
+        for n in graph
+        if n.kind is OpKind.ADD
+        and n not in reported
+        and len(n.outputs[0].shape or ()) == 4
+        and n.inputs[0].shape == n.inputs[1].shape
+    ]
     assert len(mask_adds) == 2
     assert len(analysis.sites) == 2 and all(s.skip.shape == (2, 6, 16) for s in analysis.sites)
 
@@ -120,12 +129,14 @@ def test_sites_stay_visible_after_rewrites(onnx_model, name, specs):
     at the same depth, so later passes (fold, a second rewrite) find it; also where the stream is
     a constant (the class token, a parameter)."""
     from rescompile.api import build_passes, run_passes
+
     graph = load_onnx(onnx_model(name))
     before = find_residuals(graph)
     run_passes(graph, build_passes(specs))
     after = find_residuals(graph)
-    assert [(s.stream, s.depth, s.kind, s.branch_params) for s in after.sites] == \
-        [(s.stream, s.depth, s.kind, s.branch_params) for s in before.sites]
+    assert [(s.stream, s.depth, s.kind, s.branch_params) for s in after.sites] == [
+        (s.stream, s.depth, s.kind, s.branch_params) for s in before.sites
+    ]
     assert len(after.streams) == len(before.streams)
 
 
@@ -133,12 +144,13 @@ def test_stacked_factors_fold_and_keep_the_function(onnx_model, tmp_path):
     from rescompile.api import build_passes, run_passes
     from rescompile.frontends.onnx import save_onnx
     from rescompile.validation import compare_onnx
+
     src = onnx_model("gpt2")
     graph = load_onnx(src)
     before = len(graph)
     result = run_passes(graph, build_passes(["rezero", "laurel:variant=rw", "layerscale", "fold"]))
     assert result.stats["3:fold"] == {"folded": 12}  # alpha, laurel's alpha, gamma at 4 sites
-    assert len(graph) == before + 4                  # laurel's skip weights stay (not on a branch)
+    assert len(graph) == before + 4  # laurel's skip weights stay (not on a branch)
     save_onnx(graph, tmp_path / "o.onnx")
     assert compare_onnx(str(src), str(tmp_path / "o.onnx"), atol=1e-5).ok
 
@@ -153,12 +165,24 @@ def _chain_model(middle: str, first: str = "Relu"):
     def node(op, inputs, output):
         domain = "custom.test" if op == "Foo" else ""
         return helper.make_node(op, inputs, [output], domain=domain)
+
     weights = [numpy_helper.from_array(np.full((4, 4), 0.1, np.float32), f"w{i}") for i in (1, 2)]
-    nodes = [node(first, ["x"], "a"), node("MatMul", ["a", "w1"], "b"), node("Add", ["x", "b"], "y"),
-             node(middle, ["y"], "h"), node("Relu", ["h"], "c"), node("MatMul", ["c", "w2"], "d"),
-             node("Add", ["h", "d"], "out")]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])], weights)
+    nodes = [
+        node(first, ["x"], "a"),
+        node("MatMul", ["a", "w1"], "b"),
+        node("Add", ["x", "b"], "y"),
+        node(middle, ["y"], "h"),
+        node("Relu", ["h"], "c"),
+        node("MatMul", ["c", "w2"], "d"),
+        node("Add", ["h", "d"], "out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
+        weights,
+    )
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("custom.test", 1)]
     return onnx.helper.make_model(graph, opset_imports=opsets)
 
@@ -184,11 +208,19 @@ def test_symbolic_dims_in_different_forms_are_one_size(branch_shape, found):
     `h*w//16` and `(h//4)*(w//4)` for the same axis); a fixed size against a symbol may broadcast."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["b"]),
-             helper.make_node("Add", ["x", "b"], ["out"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
-                              [numpy_helper.from_array(np.full((4, 4), 0.1, np.float32), "w")],
-                              value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, branch_shape)])
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("MatMul", ["a", "w"], ["b"]),
+        helper.make_node("Add", ["x", "b"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.full((4, 4), 0.1, np.float32), "w")],
+        value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, branch_shape)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert len(find_residuals(load_onnx(model)).sites) == found

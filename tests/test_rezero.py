@@ -22,15 +22,20 @@ def rewrite(src, tmp_path, spec):
     return out, result
 
 
-@pytest.mark.parametrize("name,exporter", [("gpt2", "dynamo"), ("llama", "dynamo"), ("bert", "legacy"),
-                                           ("vit", "dynamo"), ("resnet50", "dynamo")])
+@pytest.mark.parametrize(
+    "name,exporter",
+    [("gpt2", "dynamo"), ("llama", "dynamo"), ("bert", "legacy"), ("vit", "dynamo"), ("resnet50", "dynamo")],
+)
 def test_rezero_init_one_preserves_function(onnx_model, tmp_path, name, exporter):
     case = build(name)
     out, result = rewrite(onnx_model(name, exporter), tmp_path, "rezero")
     assert result.modified and result.stats["0:rezero"]["sites"] == case.sites
     assert_ok(compare_onnx(onnx_model(name, exporter), out))
-    params = [n for n in onnx.load(str(out), load_external_data=False).graph.initializer
-              if n.name.startswith("rescompile.rezero.")]
+    params = [
+        n
+        for n in onnx.load(str(out), load_external_data=False).graph.initializer
+        if n.name.startswith("rescompile.rezero.")
+    ]
     assert len(params) == case.sites
 
 
@@ -48,11 +53,14 @@ class ReferenceReZeroMLP(torch.nn.Module):
         return b.head(x)
 
 
-@pytest.mark.parametrize("spec,alphas", [
-    ("rezero:init=0", [0.0, 0.0, 0.0]),
-    ("rezero:init=0.5,sites=depth:1-", [1.0, 0.5, 0.5]),
-    ("rezero:init=0,sites=depth:0-0", [0.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "spec,alphas",
+    [
+        ("rezero:init=0", [0.0, 0.0, 0.0]),
+        ("rezero:init=0.5,sites=depth:1-", [1.0, 0.5, 0.5]),
+        ("rezero:init=0,sites=depth:0-0", [0.0, 1.0, 1.0]),
+    ],
+)
 def test_rezero_matches_reference(tmp_path, spec, alphas):
     torch.manual_seed(0)
     base = ResidualMLP().eval()

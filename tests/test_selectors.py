@@ -8,13 +8,13 @@ import logging
 
 import numpy as np
 import pytest
-from rescompile.passes import PASSES
 
 from rescompile.api import build_passes
 from rescompile.cli import main
 from rescompile.frontends.onnx import load_onnx
 from rescompile.infra import PassError, PassManager
 from rescompile.ir import Graph, Node, Value
+from rescompile.passes import PASSES
 
 
 def two_streams(blocks: int = 4) -> Graph:
@@ -42,29 +42,39 @@ STREAM_PASSES = sorted(n for n, c in PASSES.items() if "streams" in c.Options.__
 
 def test_every_selecting_pass_is_listed():
     assert SITE_PASSES and STREAM_PASSES
-    assert {"rezero", "layerscale", "laurel", "gate", "decay", "deepnorm", "depthscale", "fold"} \
-        <= set(SITE_PASSES)
+    assert {"rezero", "layerscale", "laurel", "gate", "decay", "deepnorm", "depthscale", "fold"} <= set(
+        SITE_PASSES
+    )
     assert {"hyper", "frac", "dense"} <= set(STREAM_PASSES)
 
 
 @pytest.mark.parametrize("name", SITE_PASSES)
-@pytest.mark.parametrize("spec,extra", [("stream:7", ""), ("depth:4-", ""), ("stream:1;depth:9-", ""),
-                                        ("kind:projection", ", kinds identity"),
-                                        ("name:nothing*", ", named 'add0_0' ... 'add1_3'")])
+@pytest.mark.parametrize(
+    "spec,extra",
+    [
+        ("stream:7", ""),
+        ("depth:4-", ""),
+        ("stream:1;depth:9-", ""),
+        ("kind:projection", ", kinds identity"),
+        ("name:nothing*", ", named 'add0_0' ... 'add1_3'"),
+    ],
+)
 def test_site_selector_matching_nothing_is_an_error(name, spec, extra):
     graph = two_streams()
     with pytest.raises(PassError) as info:
         PassManager([PASSES[name](sites=spec)])(graph)
-    assert str(info.value) == (f"pass {name}: sites={spec} matches no site; "
-                               f"the model has 8 sites in streams 0-1, depths 0-3{extra}")
+    assert str(info.value) == (
+        f"pass {name}: sites={spec} matches no site; the model has 8 sites in streams 0-1, depths 0-3{extra}"
+    )
 
 
 @pytest.mark.parametrize("name", STREAM_PASSES)
 def test_stream_selector_matching_nothing_is_an_error(name):
     with pytest.raises(PassError) as info:
         PassManager([PASSES[name](streams="5|7")])(two_streams())
-    assert str(info.value) == (f"pass {name}: streams=5|7 matches no stream; "
-                               "the model has 8 sites in streams 0-1, depths 0-3")
+    assert str(info.value) == (
+        f"pass {name}: streams=5|7 matches no stream; the model has 8 sites in streams 0-1, depths 0-3"
+    )
 
 
 def test_selector_matching_some_sites_applies_to_those():
@@ -74,8 +84,11 @@ def test_selector_matching_some_sites_applies_to_those():
 
 
 def test_empty_depth_range_is_refused_before_any_model_is_read():
-    with pytest.raises(PassError, match=r"^rezero: depth range '9-3' is empty \(it selects nothing on any "
-                                        r"model\); use depth:A-B with A <= B$"):
+    with pytest.raises(
+        PassError,
+        match=r"^rezero: depth range '9-3' is empty \(it selects nothing on any "
+        r"model\); use depth:A-B with A <= B$",
+    ):
         build_passes(["rezero:sites=depth:9-3"])
 
 
@@ -97,19 +110,31 @@ def test_no_residuals_under_the_default_selector_is_a_no_op_with_a_warning(onnx_
     finally:
         logging.getLogger("rescompile").removeHandler(records)
     assert not result.modified
-    assert records.messages == ["rezero: the model has no residual sites; nothing to rewrite",
-                                "hyper: the model has no residual sites; nothing to rewrite"]
-    with pytest.raises(PassError, match="^pass rezero: sites=depth:0-1 matches no site; "
-                                        "the model has no residual sites$"):
+    assert records.messages == [
+        "rezero: the model has no residual sites; nothing to rewrite",
+        "hyper: the model has no residual sites; nothing to rewrite",
+    ]
+    with pytest.raises(
+        PassError, match="^pass rezero: sites=depth:0-1 matches no site; the model has no residual sites$"
+    ):
         PassManager(build_passes(["rezero:sites=depth:0-1"]))(graph)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("rezero:sites=stream:7", "rezero: sites=stream:7 matches no site; the model has 4 sites in stream 0"),
-    ("layerscale:sites=stream:0;depth:4-", "layerscale: sites=stream:0;depth:4- matches no site"),
-    ("hyper:streams=5", "hyper: streams=5 matches no stream; the model has 4 sites in stream 0, depths 0-3"),
-    ("rezero:sites=depth:9-3", "rezero: depth range '9-3' is empty"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            "rezero:sites=stream:7",
+            "rezero: sites=stream:7 matches no site; the model has 4 sites in stream 0",
+        ),
+        ("layerscale:sites=stream:0;depth:4-", "layerscale: sites=stream:0;depth:4- matches no site"),
+        (
+            "hyper:streams=5",
+            "hyper: streams=5 matches no stream; the model has 4 sites in stream 0, depths 0-3",
+        ),
+        ("rezero:sites=depth:9-3", "rezero: depth range '9-3' is empty"),
+    ],
+)
 def test_cli_exits_2_with_one_line_and_writes_nothing(onnx_model, tmp_path, capsys, spec, message):
     out = tmp_path / "o.onnx"
     assert main(["apply", str(onnx_model("gpt2")), "-p", spec, "-o", str(out)]) == 2

@@ -57,6 +57,7 @@ def _export(module, args, path, names):
 
 def test_cli_validate_passes_on_gpt2_lm_logits_after_hyper(tmp_path, capsys):
     import transformers as T
+
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64, use_cache=False)
     model = T.GPT2LMHeadModel(cfg).eval()

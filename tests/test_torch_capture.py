@@ -54,6 +54,7 @@ def slow_dynamic_export(monkeypatch):
         while dynamic_shapes is not None and time.perf_counter() < end:
             sympy.factor(sympy.Symbol("s") ** 12 - 1)
         return real(*args, dynamic_shapes=dynamic_shapes, **kwargs)
+
     monkeypatch.setattr(torch.export, "export", export)
     return calls
 
@@ -73,6 +74,7 @@ def test_auto_interrupts_a_real_export_and_captures_static_shapes(warnings_seen,
     # made slow (0.5 s of sympy before the real guards are produced), as it is on Swin: a small
     # model's real solving can finish between two ticks of the timer, which would make this flaky.
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
     real = ShapeEnv.produce_guards
 
     def slow_guards(self, *args, **kwargs):
@@ -80,6 +82,7 @@ def test_auto_interrupts_a_real_export_and_captures_static_shapes(warnings_seen,
         while time.perf_counter() < end:
             sympy.factor(sympy.Symbol("s") ** 12 - 1)
         return real(self, *args, **kwargs)
+
     monkeypatch.setattr(ShapeEnv, "produce_guards", slow_guards)
     model, x = _Block().eval(), torch.randn(2, 8, 16)
     x.user_mark = "kept"
@@ -95,17 +98,20 @@ def test_auto_interrupts_a_real_export_and_captures_static_shapes(warnings_seen,
 def test_the_fallback_prints_one_line_to_stderr():
     # As the CLI runs it: no logging configured, so logging's last-resort handler prints the message.
     # The solver is slowed as in the test above, so the bound reliably fires inside it.
-    code = ("import time, sympy, torch; from rescompile.frontends import torch as tf; "
-            "from torch.fx.experimental.symbolic_shapes import ShapeEnv; real = ShapeEnv.produce_guards\n"
-            "def slow(self, *a, **k):\n"
-            "    end = time.perf_counter() + 0.5\n"
-            "    while time.perf_counter() < end: sympy.factor(sympy.Symbol('s') ** 12 - 1)\n"
-            "    return real(self, *a, **k)\n"
-            "ShapeEnv.produce_guards = slow\n"
-            "model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))\n"
-            "tf.capture(model, (torch.randn(2, 8, 16),), {}, dynamic_timeout=0.1)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          check=False)
+    code = (
+        "import time, sympy, torch; from rescompile.frontends import torch as tf; "
+        "from torch.fx.experimental.symbolic_shapes import ShapeEnv; real = ShapeEnv.produce_guards\n"
+        "def slow(self, *a, **k):\n"
+        "    end = time.perf_counter() + 0.5\n"
+        "    while time.perf_counter() < end: sympy.factor(sympy.Symbol('s') ** 12 - 1)\n"
+        "    return real(self, *a, **k)\n"
+        "ShapeEnv.produce_guards = slow\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))\n"
+        "tf.capture(model, (torch.randn(2, 8, 16),), {}, dynamic_timeout=0.1)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("rescompile: warning: dynamic-shape capture of Sequential")
@@ -150,6 +156,7 @@ def test_no_bound_off_the_main_thread(slow_dynamic_export, warnings_seen):
 
     def work():
         result["gm"], _ = tf.capture(_Block().eval(), (torch.randn(2, 8, 16),), {}, dynamic_timeout=0.05)
+
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
@@ -162,6 +169,7 @@ def test_the_callers_alarm_handler_and_timer_are_restored(slow_dynamic_export):
 
     def handler(*_):
         fired.append(True)
+
     previous = signal.signal(signal.SIGALRM, handler)
     try:
         signal.setitimer(signal.ITIMER_REAL, 30)
@@ -267,6 +275,7 @@ def test_an_edited_attribute_reaches_the_exported_call():
 def test_fx_fallback_folds_getitems_too(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("no export")
+
     monkeypatch.setattr(torch.export, "export", fail)
     model, x = _structured()
     graph = tf.import_module(model, x, dynamic=False)

@@ -12,8 +12,7 @@ from rescompile.analysis.residuals import find_residuals
 from rescompile.errors import RescompileError
 from rescompile.frontends.onnx import load_onnx
 from rescompile.frontends.torch import import_module
-from rescompile.validation import run_onnx
-from rescompile.validation import Tolerance, assert_close, assert_ok
+from rescompile.validation import Tolerance, assert_close, assert_ok, run_onnx
 from tools.models import HF_CASES, SYNTHETIC_CASES, ResidualMLP, build
 
 ALL = list(HF_CASES) + list(SYNTHETIC_CASES)
@@ -105,8 +104,9 @@ def test_result_exports_to_onnx_and_matches_in_ort(tmp_path, name):
     rewritten = rescompile.apply(case.module, ["rezero"], case.args, example_kwargs=case.kwargs).eval()
     names = list(case.kwargs) or ["x"]
     path = tmp_path / "r.onnx"
-    torch.onnx.export(rewritten, case.args, str(path), kwargs=case.kwargs, dynamo=True,
-                      input_names=names, verbose=False)
+    torch.onnx.export(
+        rewritten, case.args, str(path), kwargs=case.kwargs, dynamo=True, input_names=names, verbose=False
+    )
     feeds = {k: v.numpy() for k, v in zip(names, list(case.args) + list(case.kwargs.values()))}
     got = list(run_onnx(str(path), feeds).values())[0]
     want = outputs(case.module, case)[0].numpy()
@@ -128,6 +128,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     from tools.ddp_check import worker
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -136,13 +137,14 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert r0["alphas"].keys() == r1["alphas"].keys() and len(r0["alphas"]) == 3
     for k in r0["alphas"]:
         assert torch.equal(r0["alphas"][k], r1["alphas"][k])  # gradients were all-reduced
-        assert abs(r0["alphas"][k].item() - 0.5) > 1e-4       # and the gates trained
+        assert abs(r0["alphas"][k].item() - 0.5) > 1e-4  # and the gates trained
     assert r0["losses"] != r1["losses"]  # each rank saw its own data
 
 
 def test_fx_fallback_when_export_fails(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("export unavailable")
+
     monkeypatch.setattr(torch.export, "export", broken)
     case = build("residual_cnn")
     graph = import_module(case.module, case.args)

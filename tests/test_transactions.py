@@ -12,7 +12,6 @@ import hashlib
 
 import numpy as np
 import pytest
-from rescompile.passes import PASSES
 
 from rescompile.analysis.residuals import find_residuals
 from rescompile.api import build_passes, load
@@ -21,6 +20,7 @@ from rescompile.frontends.onnx import load_onnx, save_onnx
 from rescompile.infra import PassError, PassManager
 from rescompile.ir import Graph, IRError, Node, Value, verify
 from rescompile.ir._transaction import _COPIED, GraphSnapshot, transaction
+from rescompile.passes import PASSES
 from tools.models import build
 
 # Every pass, with options that make it modify the model; (prerequisite passes, pass under test).
@@ -47,13 +47,26 @@ CASES = [
 ]
 
 # Every way a pass edits the graph; a wrapper counts calls across all of them.
-MUTATORS = [(Graph, "append"), (Graph, "insert_after"), (Graph, "insert_before"), (Graph, "remove"),
-            (Graph, "add_initializer"), (Graph, "remove_initializer"), (Graph, "set_payload"),
-            (Graph, "set_outputs"), (Node, "replace_input_with"), (Value, "replace_all_uses_with")]
+MUTATORS = [
+    (Graph, "append"),
+    (Graph, "insert_after"),
+    (Graph, "insert_before"),
+    (Graph, "remove"),
+    (Graph, "add_initializer"),
+    (Graph, "remove_initializer"),
+    (Graph, "set_payload"),
+    (Graph, "set_outputs"),
+    (Node, "replace_input_with"),
+    (Value, "replace_all_uses_with"),
+]
 
 # Failures of every origin: a bug, an IR rule, a refusal, a numpy error.
-FAILURES = [RuntimeError("injected bug"), IRError("injected IR error"), RescompileError("injected refusal"),
-            np.linalg.LinAlgError("injected numpy error")]
+FAILURES = [
+    RuntimeError("injected bug"),
+    IRError("injected IR error"),
+    RescompileError("injected refusal"),
+    np.linalg.LinAlgError("injected numpy error"),
+]
 
 
 def _payload_digest(value: Value) -> str | None:
@@ -68,15 +81,41 @@ def _payload_digest(value: Value) -> str | None:
 def dump(graph: Graph) -> dict:
     """Everything a pass can change, by name and content (not identity)."""
     return {
-        "nodes": [(n.name, n.domain, n.op_type, n.kind, repr(n.attrs), repr(sorted(n.meta)),
-                   [None if v is None else v.name for v in n.inputs], [o.name for o in n.outputs])
-                  for n in graph],
-        "values": [(v.name, v.role, v.dtype, v.shape, _payload_digest(v), repr(sorted(v.meta)),
-                    [(u.node.name, u.index) for u in v.uses()]) for v in graph.values()],
-        "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-        "initializers": list(graph.initializers), "meta": repr(graph.meta), "count": len(graph),
-        "names": (sorted(graph._value_names), sorted(graph._node_names),
-                  sorted(graph._name_counters.items())),
+        "nodes": [
+            (
+                n.name,
+                n.domain,
+                n.op_type,
+                n.kind,
+                repr(n.attrs),
+                repr(sorted(n.meta)),
+                [None if v is None else v.name for v in n.inputs],
+                [o.name for o in n.outputs],
+            )
+            for n in graph
+        ],
+        "values": [
+            (
+                v.name,
+                v.role,
+                v.dtype,
+                v.shape,
+                _payload_digest(v),
+                repr(sorted(v.meta)),
+                [(u.node.name, u.index) for u in v.uses()],
+            )
+            for v in graph.values()
+        ],
+        "inputs": [v.name for v in graph.inputs],
+        "outputs": [v.name for v in graph.outputs],
+        "initializers": list(graph.initializers),
+        "meta": repr(graph.meta),
+        "count": len(graph),
+        "names": (
+            sorted(graph._value_names),
+            sorted(graph._node_names),
+            sorted(graph._name_counters.items()),
+        ),
     }
 
 
@@ -93,8 +132,9 @@ class Injector:
     """Make the k-th call to any IR mutator raise `failure`, before or after its edit (so the
     graph may be mid-change either way), or just count calls when k is None."""
 
-    def __init__(self, monkeypatch, k: int | None, failure: BaseException | None = None, *,
-                 before: bool = False) -> None:
+    def __init__(
+        self, monkeypatch, k: int | None, failure: BaseException | None = None, *, before: bool = False
+    ) -> None:
         self.calls, self.k, self.failure, self.before = 0, k, failure, before
         for owner, name in MUTATORS:
             monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
@@ -109,6 +149,7 @@ class Injector:
             if call == self.k:
                 raise self.failure
             return result
+
         return wrapper
 
 
@@ -122,10 +163,12 @@ def test_every_pass_is_covered():
     assert {spec.split(":")[0] for _, _, spec in CASES} == set(PASSES)
 
 
-@pytest.mark.parametrize("model,prerequisites,spec", CASES,
-                         ids=[f"{m}-{'+'.join([*p, s])}" for m, p, s in CASES])
-def test_failed_pass_leaves_the_graph_unchanged(onnx_model, tmp_path, monkeypatch, model, prerequisites,
-                                                spec):
+@pytest.mark.parametrize(
+    "model,prerequisites,spec", CASES, ids=[f"{m}-{'+'.join([*p, s])}" for m, p, s in CASES]
+)
+def test_failed_pass_leaves_the_graph_unchanged(
+    onnx_model, tmp_path, monkeypatch, model, prerequisites, spec
+):
     graph = _loaded(onnx_model, model, prerequisites)
     before, objects = dump(graph), identities(graph)
     # A dry run on a copy counts the pass's edits, so failures can be placed across all of them.
@@ -135,8 +178,9 @@ def test_failed_pass_leaves_the_graph_unchanged(onnx_model, tmp_path, monkeypatc
         assert PassManager(build_passes([spec]))(copy).modified or spec == "identity"
     edits = counter.calls
     assert edits > 0 or spec == "identity"
-    points = sorted({k for k in (1, 2, 3, edits // 4, edits // 2, 3 * edits // 4, edits - 1, edits)
-                     if 1 <= k <= edits})
+    points = sorted(
+        {k for k in (1, 2, 3, edits // 4, edits // 2, 3 * edits // 4, edits - 1, edits) if 1 <= k <= edits}
+    )
     for i, k in enumerate(points):
         failure = FAILURES[i % len(FAILURES)]
         with monkeypatch.context() as m:
@@ -159,8 +203,9 @@ def test_failed_pass_leaves_the_graph_unchanged(onnx_model, tmp_path, monkeypatc
     assert dump(graph) == before
     verify(graph)
     untouched = _loaded(onnx_model, model, prerequisites)
-    assert exported(graph, tmp_path / "restored" / "m.onnx") == \
-        exported(untouched, tmp_path / "fresh" / "m.onnx")
+    assert exported(graph, tmp_path / "restored" / "m.onnx") == exported(
+        untouched, tmp_path / "fresh" / "m.onnx"
+    )
 
 
 @pytest.mark.parametrize("spec", ["rezero", "depthscale:compensate=true", "hyper:n=2"])
@@ -183,6 +228,7 @@ def test_failed_pass_leaves_a_torch_graph_unchanged(monkeypatch, spec):
 def _raise(exc: BaseException):
     def fail(*args, **kwargs):
         raise exc
+
     return fail
 
 
@@ -203,11 +249,13 @@ def test_a_bug_names_the_pass_the_site_and_the_exception(onnx_model, monkeypatch
     Injector(monkeypatch, 1, IndexError("tuple index out of range"))  # rezero's first edit, at its first site
     with pytest.raises(PassError) as info:
         PassManager(build_passes(["identity", "rezero"]))(graph)
-    assert str(info.value) == \
-        f"pass rezero (after identity): site {first}: IndexError: tuple index out of range"
+    assert (
+        str(info.value) == f"pass rezero (after identity): site {first}: IndexError: tuple index out of range"
+    )
 
 
 # ----- GraphSnapshot on its own --------------------------------------------------------
+
 
 def chain(blocks: int) -> Graph:
     """x -> [x + relu(x @ w_i)] * blocks, one residual stream."""

@@ -14,6 +14,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import rescompile
     from tools.models import ResidualMLP
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

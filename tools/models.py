@@ -15,8 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DETECTION_CASES", "EXACT_NORM_CASES", "HF_CASES", "SYNTHETIC_CASES", "ModelCase", "build",
-           "cached_onnx", "export_onnx"]
+__all__ = [
+    "DETECTION_CASES",
+    "EXACT_NORM_CASES",
+    "HF_CASES",
+    "SYNTHETIC_CASES",
+    "ModelCase",
+    "build",
+    "cached_onnx",
+    "export_onnx",
+]
 
 
 @dataclasses.dataclass
@@ -25,8 +33,8 @@ class ModelCase:
     module: nn.Module
     args: tuple
     kwargs: dict[str, Any]
-    sites: int            # residual sites a correct analysis reports
-    projection: int = 0   # of which projection shortcuts
+    sites: int  # residual sites a correct analysis reports
+    projection: int = 0  # of which projection shortcuts
     streams: int = 1
     norm: str | None = None  # "pre" / "post" / "none" for every site, when uniform
     exporters: tuple[str, ...] = ("dynamo",)
@@ -40,9 +48,19 @@ def _seed() -> None:
 
 def gpt2(layers: int = 2, seq: int = 8, width: int = 32, eps: float = 1e-5) -> ModelCase:
     import transformers as T
+
     _seed()
-    cfg = T.GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=101, n_positions=64,
-                       use_cache=False, bos_token_id=0, eos_token_id=0, layer_norm_epsilon=eps)
+    cfg = T.GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=2,
+        vocab_size=101,
+        n_positions=64,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        layer_norm_epsilon=eps,
+    )
     model = T.GPT2Model(cfg).eval()
     ids = torch.randint(0, 101, (2, seq))
     return ModelCase("gpt2", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
@@ -50,22 +68,45 @@ def gpt2(layers: int = 2, seq: int = 8, width: int = 32, eps: float = 1e-5) -> M
 
 def bert(layers: int = 2, seq: int = 8) -> ModelCase:
     import transformers as T
+
     _seed()
-    cfg = T.BertConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
-                       intermediate_size=64, vocab_size=101, max_position_embeddings=64)
+    cfg = T.BertConfig(
+        num_hidden_layers=layers,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     model = T.BertModel(cfg, add_pooling_layer=False).eval()
     ids = torch.randint(0, 101, (2, seq))
     mask = torch.ones(2, seq, dtype=torch.int64)
-    return ModelCase("bert", model, (), {"input_ids": ids, "attention_mask": mask},
-                     sites=2 * layers, norm="post", exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "bert",
+        model,
+        (),
+        {"input_ids": ids, "attention_mask": mask},
+        sites=2 * layers,
+        norm="post",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def llama(layers: int = 2, seq: int = 8, eps: float = 1e-6) -> ModelCase:
     import transformers as T
+
     _seed()
-    cfg = T.LlamaConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=64, vocab_size=101,
-                        max_position_embeddings=64, use_cache=False, rms_norm_eps=eps)
+    cfg = T.LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=101,
+        max_position_embeddings=64,
+        use_cache=False,
+        rms_norm_eps=eps,
+    )
     model = T.LlamaModel(cfg).eval()
     ids = torch.randint(0, 101, (2, seq))
     return ModelCase("llama", model, (), {"input_ids": ids}, sites=2 * layers, norm="pre")
@@ -73,25 +114,57 @@ def llama(layers: int = 2, seq: int = 8, eps: float = 1e-6) -> ModelCase:
 
 def vit(layers: int = 2, eps: float = 1e-12) -> ModelCase:
     import transformers as T
+
     _seed()
-    cfg = T.ViTConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
-                      intermediate_size=64, image_size=16, patch_size=8, num_channels=3, layer_norm_eps=eps)
+    cfg = T.ViTConfig(
+        num_hidden_layers=layers,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        layer_norm_eps=eps,
+    )
     model = T.ViTModel(cfg, add_pooling_layer=False).eval()
     pixels = torch.randn(2, 3, 16, 16)
-    return ModelCase("vit", model, (), {"pixel_values": pixels}, sites=2 * layers, norm="pre",
-                     exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "vit",
+        model,
+        (),
+        {"pixel_values": pixels},
+        sites=2 * layers,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def resnet50_layout() -> ModelCase:
     """HF ResNet with ResNet-50's layout (bottlenecks, depths 3-4-6-3), narrow widths."""
     import transformers as T
+
     _seed()
-    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[3, 4, 6, 3],
-                         layer_type="bottleneck", num_channels=3)
+    cfg = T.ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[3, 4, 6, 3],
+        layer_type="bottleneck",
+        num_channels=3,
+    )
     model = T.ResNetModel(cfg).eval()
     pixels = torch.randn(1, 3, 32, 32)
-    return ModelCase("resnet50", model, (), {"pixel_values": pixels}, sites=16, projection=4, streams=4,
-                     norm="none", exporters=("dynamo", "legacy"), stream_lengths=(3, 4, 6, 3))
+    return ModelCase(
+        "resnet50",
+        model,
+        (),
+        {"pixel_values": pixels},
+        sites=16,
+        projection=4,
+        streams=4,
+        norm="none",
+        exporters=("dynamo", "legacy"),
+        stream_lengths=(3, 4, 6, 3),
+    )
 
 
 class ResidualMLP(nn.Module):
@@ -147,7 +220,7 @@ class PlainMLP(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.fc1(x))
-        h = h + h * h          # add of two functions of h: no weighted op between
+        h = h + h * h  # add of two functions of h: no weighted op between
         h = self.fc2(h) + self.bias
         return h
 
@@ -230,9 +303,16 @@ class ResidualCNN(nn.Module):
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()
+
         def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.b1, self.b2 = block(c, c, 1), block(c, c, 1)
         self.b3 = block(c, 2 * c, 2)
@@ -255,9 +335,16 @@ class PreActCNN(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
-                          nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
-            for _ in range(blocks))
+            nn.Sequential(
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
         self.norm = nn.BatchNorm2d(c)
 
     def forward(self, x):
@@ -275,47 +362,100 @@ def preact_cnn() -> ModelCase:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return ModelCase("preact_cnn", model, (torch.randn(2, 3, 8, 8),), {}, sites=3, norm="pre",
-                     exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "preact_cnn",
+        model,
+        (torch.randn(2, 3, 8, 8),),
+        {},
+        sites=3,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def residual_mlp() -> ModelCase:
     _seed()
-    return ModelCase("residual_mlp", ResidualMLP().eval(), (torch.randn(2, 5, 16),), {}, sites=3,
-                     norm="pre", exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "residual_mlp",
+        ResidualMLP().eval(),
+        (torch.randn(2, 5, 16),),
+        {},
+        sites=3,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def plain_mlp() -> ModelCase:
     _seed()
-    return ModelCase("plain_mlp", PlainMLP().eval(), (torch.randn(2, 16),), {}, sites=0, streams=0,
-                     exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "plain_mlp",
+        PlainMLP().eval(),
+        (torch.randn(2, 16),),
+        {},
+        sites=0,
+        streams=0,
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def masked_attention() -> ModelCase:
     _seed()
     keep = torch.ones(2, 6, dtype=torch.int64)
     keep[1, 4:] = 0
-    return ModelCase("masked_attention", MaskedAttentionStack().eval(), (torch.randn(2, 6, 16), keep),
-                     {}, sites=2, norm="pre", exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "masked_attention",
+        MaskedAttentionStack().eval(),
+        (torch.randn(2, 6, 16), keep),
+        {},
+        sites=2,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def class_token() -> ModelCase:
     _seed()
-    return ModelCase("class_token", ClassTokenBlock().eval(), (torch.randn(2, 5, 16),), {}, sites=1,
-                     norm="pre", exporters=("dynamo", "legacy"))
+    return ModelCase(
+        "class_token",
+        ClassTokenBlock().eval(),
+        (torch.randn(2, 5, 16),),
+        {},
+        sites=1,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+    )
 
 
 def class_attention() -> ModelCase:
     _seed()
-    return ModelCase("class_attention", ClassAttentionStack().eval(), (torch.randn(2, 5, 16),), {}, sites=6,
-                     streams=2, norm="pre", exporters=("dynamo", "legacy"), stream_lengths=(2, 4))
+    return ModelCase(
+        "class_attention",
+        ClassAttentionStack().eval(),
+        (torch.randn(2, 5, 16),),
+        {},
+        sites=6,
+        streams=2,
+        norm="pre",
+        exporters=("dynamo", "legacy"),
+        stream_lengths=(2, 4),
+    )
 
 
 def residual_cnn() -> ModelCase:
     _seed()
-    return ModelCase("residual_cnn", ResidualCNN().eval(), (torch.randn(1, 3, 16, 16),), {}, sites=4,
-                     projection=1, streams=2, norm="none", exporters=("dynamo", "legacy"),
-                     stream_lengths=(2, 2))
+    return ModelCase(
+        "residual_cnn",
+        ResidualCNN().eval(),
+        (torch.randn(1, 3, 16, 16),),
+        {},
+        sites=4,
+        projection=1,
+        streams=2,
+        norm="none",
+        exporters=("dynamo", "legacy"),
+        stream_lengths=(2, 2),
+    )
 
 
 class CroppedTokens(nn.Module):
@@ -334,18 +474,27 @@ class CroppedTokens(nn.Module):
             b, t, c = x.shape
             h = torch.roll(nn.functional.pad(norm(x), (0, 0, 1, 1)), 1, 1)
             h = fc(h.view(b, -1, 2, c // 2).reshape(b, t + 2, c))
-            x = x + h[:, 1:t + 1]
+            x = x + h[:, 1 : t + 1]
         return x
 
 
 def cropped_tokens() -> ModelCase:
     _seed()
     dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}}
-    return ModelCase("cropped_tokens", CroppedTokens().eval(), (torch.randn(2, 5, 8),), {}, sites=2,
-                     norm="pre", stream_lengths=(2,), dynamic_shapes=dims)
+    return ModelCase(
+        "cropped_tokens",
+        CroppedTokens().eval(),
+        (torch.randn(2, 5, 8),),
+        {},
+        sites=2,
+        norm="pre",
+        stream_lengths=(2,),
+        dynamic_shapes=dims,
+    )
 
 
 # ----- torchvision / timm models (random weights, small configs; tests skip without the packages) -----
+
 
 def tv_swin() -> ModelCase:
     """torchvision's Swin (Swin-T's blocks: shifted windows with pad, roll, window partition and merge
@@ -354,93 +503,183 @@ def tv_swin() -> ModelCase:
     ends the first stream. The batch dim is dynamic: the window partition then reshapes with a symbolic
     batch size, which hid the attention sites from the torch path."""
     from torchvision.models.swin_transformer import SwinTransformer
+
     _seed()
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                            window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10).eval()
-    return ModelCase("tv_swin", model, (torch.randn(2, 3, 40, 40),), {}, sites=8, streams=2, norm="pre",
-                     stream_lengths=(4, 4), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    model = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    ).eval()
+    return ModelCase(
+        "tv_swin",
+        model,
+        (torch.randn(2, 3, 40, 40),),
+        {},
+        sites=8,
+        streams=2,
+        norm="pre",
+        stream_lengths=(4, 4),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
 
 
 def hf_swin() -> ModelCase:
     """Hugging Face's Swin (same blocks as torchvision's, different code), two stages of two blocks."""
     import transformers as T
+
     _seed()
-    cfg = T.SwinConfig(image_size=40, patch_size=4, num_channels=3, embed_dim=16, depths=[2, 2],
-                       num_heads=[2, 2], window_size=4, mlp_ratio=2.0)
+    cfg = T.SwinConfig(
+        image_size=40,
+        patch_size=4,
+        num_channels=3,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=4,
+        mlp_ratio=2.0,
+    )
     model = T.SwinModel(cfg, add_pooling_layer=False).eval()
-    return ModelCase("hf_swin", model, (), {"pixel_values": torch.randn(1, 3, 40, 40)}, sites=8, streams=2,
-                     norm="pre", stream_lengths=(4, 4))
+    return ModelCase(
+        "hf_swin",
+        model,
+        (),
+        {"pixel_values": torch.randn(1, 3, 40, 40)},
+        sites=8,
+        streams=2,
+        norm="pre",
+        stream_lengths=(4, 4),
+    )
 
 
 def cait() -> ModelCase:
     """timm's CaiT: 4 self-attention blocks on the patch tokens, then 2 class-attention blocks whose
     attention branch reads cat(x_cls, x) and whose skip is the class token: 8 + 4 sites on two streams."""
     from timm.models.cait import Cait
+
     _seed()
-    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, depth_token_only=2,
-                 num_classes=10).eval()
-    return ModelCase("cait", model, (torch.randn(1, 3, 32, 32),), {}, sites=12, streams=2, norm="pre",
-                     stream_lengths=(8, 4))
+    model = Cait(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, depth_token_only=2, num_classes=10
+    ).eval()
+    return ModelCase(
+        "cait",
+        model,
+        (torch.randn(1, 3, 32, 32),),
+        {},
+        sites=12,
+        streams=2,
+        norm="pre",
+        stream_lengths=(8, 4),
+    )
 
 
 def tv_resnet18() -> ModelCase:
     """torchvision ResNet-18: stage 1 keeps the stem's width (identity sites only), stages 2-4 start
     with a strided projection shortcut: four streams of two."""
     from torchvision.models import resnet18
+
     _seed()
-    return ModelCase("tv_resnet18", resnet18(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), {},
-                     sites=8, projection=3, streams=4, norm="none", stream_lengths=(2, 2, 2, 2))
+    return ModelCase(
+        "tv_resnet18",
+        resnet18(num_classes=10).eval(),
+        (torch.randn(1, 3, 32, 32),),
+        {},
+        sites=8,
+        projection=3,
+        streams=4,
+        norm="none",
+        stream_lengths=(2, 2, 2, 2),
+    )
 
 
 def tv_resnet50() -> ModelCase:
     """torchvision ResNet-50 (full width, 32x32 images): every stage starts with a projection shortcut."""
     from torchvision.models import resnet50
+
     _seed()
-    return ModelCase("tv_resnet50", resnet50(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), {},
-                     sites=16, projection=4, streams=4, norm="none", stream_lengths=(3, 4, 6, 3))
+    return ModelCase(
+        "tv_resnet50",
+        resnet50(num_classes=10).eval(),
+        (torch.randn(1, 3, 32, 32),),
+        {},
+        sites=16,
+        projection=4,
+        streams=4,
+        norm="none",
+        stream_lengths=(3, 4, 6, 3),
+    )
 
 
 def tv_regnet() -> ModelCase:
     """torchvision RegNet-Y (squeeze-excitation inside the branch) at a small width: each stage starts
     with a strided projection shortcut."""
     from torchvision.models.regnet import BlockParams, RegNet
+
     _seed()
     params = BlockParams.from_init_params(depth=7, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
     depths = tuple(params.depths)
     model = RegNet(params, num_classes=10, stem_width=8).eval()
-    return ModelCase("tv_regnet", model, (torch.randn(1, 3, 32, 32),), {}, sites=sum(depths),
-                     projection=len(depths), streams=len(depths), norm="none", stream_lengths=depths)
+    return ModelCase(
+        "tv_regnet",
+        model,
+        (torch.randn(1, 3, 32, 32),),
+        {},
+        sites=sum(depths),
+        projection=len(depths),
+        streams=len(depths),
+        norm="none",
+        stream_lengths=depths,
+    )
 
 
 def _exact_norm(builder: Callable[..., ModelCase], name: str) -> Callable[[], ModelCase]:
     """The same model with norm eps = 0, so norms are exactly scale-invariant (for the
     compensate options of decay/depth passes, whose proofs rely on N(c x) = N(x))."""
+
     def make() -> ModelCase:
         case = builder(eps=0.0)
         case.name = name
         return case
+
     return make
 
 
 EXACT_NORM_CASES: dict[str, Callable[[], ModelCase]] = {
-    "gpt2_eps0": _exact_norm(gpt2, "gpt2_eps0"), "llama_eps0": _exact_norm(llama, "llama_eps0"),
+    "gpt2_eps0": _exact_norm(gpt2, "gpt2_eps0"),
+    "llama_eps0": _exact_norm(llama, "llama_eps0"),
     "vit_eps0": _exact_norm(vit, "vit_eps0"),
 }
 
 HF_CASES: dict[str, Callable[[], ModelCase]] = {
-    "gpt2": gpt2, "bert": bert, "llama": llama, "vit": vit, "resnet50": resnet50_layout,
+    "gpt2": gpt2,
+    "bert": bert,
+    "llama": llama,
+    "vit": vit,
+    "resnet50": resnet50_layout,
 }
 SYNTHETIC_CASES: dict[str, Callable[[], ModelCase]] = {
-    "residual_mlp": residual_mlp, "plain_mlp": plain_mlp, "masked_attention": masked_attention,
-    "class_token": class_token, "residual_cnn": residual_cnn, "preact_cnn": preact_cnn,
+    "residual_mlp": residual_mlp,
+    "plain_mlp": plain_mlp,
+    "masked_attention": masked_attention,
+    "class_token": class_token,
+    "residual_cnn": residual_cnn,
+    "preact_cnn": preact_cnn,
     "class_attention": class_attention,
 }
 
 
 # Detection on real architectures beyond HF_CASES; torchvision and timm ones need those packages.
 DETECTION_CASES: dict[str, Callable[[], ModelCase]] = {
-    "tv_swin": tv_swin, "hf_swin": hf_swin, "cait": cait, "tv_resnet18": tv_resnet18,
-    "tv_resnet50": tv_resnet50, "tv_regnet": tv_regnet, "cropped_tokens": cropped_tokens,
+    "tv_swin": tv_swin,
+    "hf_swin": hf_swin,
+    "cait": cait,
+    "tv_resnet18": tv_resnet18,
+    "tv_resnet50": tv_resnet50,
+    "tv_regnet": tv_regnet,
+    "cropped_tokens": cropped_tokens,
 }
 
 
@@ -448,10 +687,12 @@ def build(name: str) -> ModelCase:
     return {**HF_CASES, **SYNTHETIC_CASES, **EXACT_NORM_CASES, **DETECTION_CASES}[name]()
 
 
-def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dynamo",
-                opset: int = 18) -> Path:
+def export_onnx(
+    case: ModelCase, path: str | os.PathLike, *, exporter: str = "dynamo", opset: int = 18
+) -> Path:
     """Export `case` to ONNX with one of torch.onnx's exporters ("dynamo" or "legacy")."""
     import warnings
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(case.kwargs) or [f"input_{i}" for i in range(len(case.args))]
@@ -462,11 +703,18 @@ def export_onnx(case: ModelCase, path: str | os.PathLike, *, exporter: str = "dy
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset,
-                              input_names=names, verbose=False, dynamic_shapes=case.dynamic_shapes)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                verbose=False,
+                dynamic_shapes=case.dynamic_shapes,
+            )
         elif exporter == "legacy":
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
-                              input_names=names)
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names)
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
     return path

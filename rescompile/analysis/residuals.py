@@ -106,10 +106,18 @@ class ResidualSite:
         return self.add.name
 
     def to_json(self) -> dict:
-        return {"add": self.add.name, "skip": self.skip.name, "branch": self.branch.name,
-                "kind": self.kind, "stream": self.stream, "depth": self.depth, "norm": self.norm,
-                "fork": self.fork.name, "branch_params": self.branch_params,
-                "branch_weighted_ops": [n.name for n in self.weighted]}
+        return {
+            "add": self.add.name,
+            "skip": self.skip.name,
+            "branch": self.branch.name,
+            "kind": self.kind,
+            "stream": self.stream,
+            "depth": self.depth,
+            "norm": self.norm,
+            "fork": self.fork.name,
+            "branch_params": self.branch_params,
+            "branch_weighted_ops": [n.name for n in self.weighted],
+        }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,9 +142,14 @@ class ResidualStream:
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def to_json(self) -> dict:
-        return {"stream": self.index, "sites": [s.add.name for s in self.sites],
-                "input": self.input.name, "output": self.output.name, "norm": self.norm,
-                "length": len(self.sites)}
+        return {
+            "stream": self.index,
+            "sites": [s.add.name for s in self.sites],
+            "input": self.input.name,
+            "output": self.output.name,
+            "norm": self.norm,
+            "length": len(self.sites),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +162,10 @@ class ResidualAnalysis:
     opaque: tuple[Node, ...] = ()
 
     def to_json(self) -> dict:
-        data = {"residuals": [s.to_json() for s in self.sites],
-                "streams": [s.to_json() for s in self.streams]}
+        data = {
+            "residuals": [s.to_json() for s in self.sites],
+            "streams": [s.to_json() for s in self.streams],
+        }
         if self.opaque:
             data["opaque"] = [f"{n.name} ({n.op_type})" for n in self.opaque]
         return data
@@ -256,8 +271,9 @@ def _closure(facts: _Facts, start: Value, stop: Node | None = None, *, concat: b
             inside = [v for v in data_inputs(node) if v in values]
             if not inside:
                 continue
-            if any(v not in values for v in facts.live_inputs(node)) \
-                    and not (concat and node.kind is OpKind.CONCAT):
+            if any(v not in values for v in facts.live_inputs(node)) and not (
+                concat and node.kind is OpKind.CONCAT
+            ):
                 continue
             if node in facts.opaque:
                 if any(out.consumers() or out.is_graph_output for out in node.outputs):
@@ -389,8 +405,12 @@ def _projection_root(facts: _Facts, value: Value):
             return None
         if node in facts.weighted:
             return node, live[0]
-        if node.kind not in MIXING_FREE_KINDS and node.kind not in (OpKind.ADD, OpKind.MUL,
-                                                                    OpKind.SUB, OpKind.DIV):
+        if node.kind not in MIXING_FREE_KINDS and node.kind not in (
+            OpKind.ADD,
+            OpKind.MUL,
+            OpKind.SUB,
+            OpKind.DIV,
+        ):
             return None
         value = live[0]
     return None
@@ -441,9 +461,16 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
     branch = add.inputs[1 - skip_index]
     inside = _between(facts, fork, branch)
     weighted = tuple(n for n in inside if n in facts.weighted)
-    return ResidualSite(add=add, skip_index=skip_index, kind=kind, fork=fork, weighted=weighted,
-                        norm="pre" if normed else "none",
-                        branch_params=sum(facts.weighted[n] for n in weighted), nodes=tuple(inside))
+    return ResidualSite(
+        add=add,
+        skip_index=skip_index,
+        kind=kind,
+        fork=fork,
+        weighted=weighted,
+        norm="pre" if normed else "none",
+        branch_params=sum(facts.weighted[n] for n in weighted),
+        nodes=tuple(inside),
+    )
 
 
 def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:
@@ -465,8 +492,10 @@ def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:
         values, _ = _closure(facts, site.output)
         if any(values.values()):
             post.add(i)
-        candidates = sorted((j for v in values for j in by_fork.get(v, ()) if j > i and j not in has_pred),
-                            key=lambda j: facts.order[sites[j].add])
+        candidates = sorted(
+            (j for v in values for j in by_fork.get(v, ()) if j > i and j not in has_pred),
+            key=lambda j: facts.order[sites[j].add],
+        )
         if candidates:
             successor[i] = candidates[0]
             has_pred.add(candidates[0])
@@ -499,8 +528,13 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
     """
     facts = _Facts(graph)
     nodes = graph if candidates is None else candidates
-    sites = [site for node in nodes if node.kind is OpKind.ADD
-             for site in [_classify(facts, node)] if site is not None]
+    sites = [
+        site
+        for node in nodes
+        if node.kind is OpKind.ADD
+        for site in [_classify(facts, node)]
+        if site is not None
+    ]
     sites.sort(key=lambda s: facts.order[s.add])
     chains = _link_streams(facts, sites)
     final: dict[int, ResidualSite] = {}
@@ -511,8 +545,11 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
             final[i] = dataclasses.replace(sites[i], stream=index, depth=depth)
             members.append(final[i])
         streams.append(ResidualStream(index=index, sites=tuple(members)))
-    return ResidualAnalysis(sites=tuple(final[i] for i in range(len(sites))), streams=tuple(streams),
-                            opaque=tuple(sorted(facts.met, key=facts.order.__getitem__)))
+    return ResidualAnalysis(
+        sites=tuple(final[i] for i in range(len(sites))),
+        streams=tuple(streams),
+        opaque=tuple(sorted(facts.met, key=facts.order.__getitem__)),
+    )
 
 
 def only_read_by_norms(graph: Graph, value: Value) -> bool:

@@ -74,8 +74,11 @@ def shape_tuple(shape: ir.Shape | None) -> tuple | None:
 def ir_type(value: Value) -> Any:
     """The onnx-ir type for an IR value: the imported object while the dtype is unchanged."""
     kept = value.origin  # (the onnx-ir value it was imported from, its IR shape then)
-    if kept is not None and kept[0].type is not None and (
-            value.dtype is None or dtype_name(kept[0].type) == value.dtype):
+    if (
+        kept is not None
+        and kept[0].type is not None
+        and (value.dtype is None or dtype_name(kept[0].type) == value.dtype)
+    ):
         return kept[0].type
     if value.dtype is None:
         return None

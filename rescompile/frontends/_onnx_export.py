@@ -66,10 +66,17 @@ def _new_node(node: Node, inputs: list, outputs: list) -> ir.Node:
     for out, iv in zip(node.outputs, outputs):
         if _drops_name(out):
             iv.name = ""
-    return ir.Node(node.domain, node.op_type, inputs, _attributes(node.attrs), outputs=outputs,
-                   name=node.name, overload=node.meta.get("onnx.overload", ""),
-                   doc_string=node.meta.get("onnx.doc_string"),
-                   metadata_props=node.meta.get("onnx.metadata_props"))
+    return ir.Node(
+        node.domain,
+        node.op_type,
+        inputs,
+        _attributes(node.attrs),
+        outputs=outputs,
+        name=node.name,
+        overload=node.meta.get("onnx.overload", ""),
+        doc_string=node.meta.get("onnx.doc_string"),
+        metadata_props=node.meta.get("onnx.metadata_props"),
+    )
 
 
 def _build(graph: Graph, source: OnnxSource) -> ir.Model:
@@ -92,14 +99,27 @@ def _build(graph: Graph, source: OnnxSource) -> ir.Model:
         if node.domain not in domains and node.domain != "ai.onnx":
             domains[node.domain] = 1
         nodes.append(_new_node(node, [vmap[v] if v is not None else None for v in node.inputs], outputs))
-    out_graph = ir.Graph(inputs, [vmap[v] for v in graph.outputs], nodes=nodes,
-                         initializers=initializers, opset_imports=domains, name=graph.name,
-                         doc_string=source.graph_doc_string,
-                         metadata_props=dict(source.graph_metadata_props))
-    return ir.Model(out_graph, ir_version=source.ir_version, producer_name=source.producer_name,
-                    producer_version=source.producer_version, domain=source.domain,
-                    model_version=source.model_version, doc_string=source.doc_string,
-                    functions=list(source.functions), metadata_props=dict(source.metadata_props))
+    out_graph = ir.Graph(
+        inputs,
+        [vmap[v] for v in graph.outputs],
+        nodes=nodes,
+        initializers=initializers,
+        opset_imports=domains,
+        name=graph.name,
+        doc_string=source.graph_doc_string,
+        metadata_props=dict(source.graph_metadata_props),
+    )
+    return ir.Model(
+        out_graph,
+        ir_version=source.ir_version,
+        producer_name=source.producer_name,
+        producer_version=source.producer_version,
+        domain=source.domain,
+        model_version=source.model_version,
+        doc_string=source.doc_string,
+        functions=list(source.functions),
+        metadata_props=dict(source.metadata_props),
+    )
 
 
 class _Sync:

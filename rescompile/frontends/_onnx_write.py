@@ -34,8 +34,9 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, external_data: str 
     tensors = [v.const_value for v in initializers]
     try:
         # Writes the weights to the data file and points the model's tensors at it.
-        unloaded = ir.external_data.unload_from_model(model, os.path.dirname(path), external_data,
-                                                      size_threshold_bytes=256)
+        unloaded = ir.external_data.unload_from_model(
+            model, os.path.dirname(path), external_data, size_threshold_bytes=256
+        )
         _write(unloaded, Path(path))
     finally:
         for value, tensor in zip(initializers, tensors):
@@ -44,17 +45,29 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, external_data: str 
 
 def _write(model: ir.Model, path: Path) -> None:
     graph = model.graph
-    head = ir.serde.serialize_model(ir.Model(
-        ir.Graph([], [], nodes=[], opset_imports=dict(graph.opset_imports)), ir_version=model.ir_version,
-        producer_name=model.producer_name, producer_version=model.producer_version, domain=model.domain,
-        model_version=model.model_version, doc_string=model.doc_string,
-        functions=list(model.functions.values()), metadata_props=dict(model.metadata_props)))
+    head = ir.serde.serialize_model(
+        ir.Model(
+            ir.Graph([], [], nodes=[], opset_imports=dict(graph.opset_imports)),
+            ir_version=model.ir_version,
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=model.model_version,
+            doc_string=model.doc_string,
+            functions=list(model.functions.values()),
+            metadata_props=dict(model.metadata_props),
+        )
+    )
     head.ClearField("graph")
     version = model.ir_version
-    parts = [_graph_part(graph, version, graph.inputs, graph.outputs, [], graph.initializers.values(), whole=True)]
+    parts = [
+        _graph_part(graph, version, graph.inputs, graph.outputs, [], graph.initializers.values(), whole=True)
+    ]
     nodes = list(graph)
     for start in range(0, len(nodes), _NODES_PER_CHUNK):
-        parts.append(_graph_part(graph, version, [], [], nodes[start:start + _NODES_PER_CHUNK], (), whole=False))
+        parts.append(
+            _graph_part(graph, version, [], [], nodes[start : start + _NODES_PER_CHUNK], (), whole=False)
+        )
     graph_size = sum(len(p) for p in parts)
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
@@ -63,11 +76,19 @@ def _write(model: ir.Model, path: Path) -> None:
             f.write(part)
 
 
-def _graph_part(graph: ir.Graph, ir_version: int, inputs, outputs, nodes, initializers, *, whole: bool) -> bytes:
+def _graph_part(
+    graph: ir.Graph, ir_version: int, inputs, outputs, nodes, initializers, *, whole: bool
+) -> bytes:
     """The serialized fields of a GraphProto for these inputs, outputs, nodes and initializers."""
-    view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers),
-                        name=graph.name if whole else None, doc_string=graph.doc_string if whole else None,
-                        metadata_props=dict(graph.metadata_props) if whole else None)
+    view = ir.GraphView(
+        inputs,
+        outputs,
+        nodes=nodes,
+        initializers=list(initializers),
+        name=graph.name if whole else None,
+        doc_string=graph.doc_string if whole else None,
+        metadata_props=dict(graph.metadata_props) if whole else None,
+    )
     proto = onnx.GraphProto()
     ir.serde.serialize_graph_into(proto, view, model_ir_version=ir_version)
     return proto.SerializeToString()

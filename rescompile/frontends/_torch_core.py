@@ -136,7 +136,7 @@ def rescompile_gather(x, indices, axis=0):
     flat = torch.where(indices < 0, indices + size, indices).reshape(-1)
     axis = axis % x.dim()
     picked = torch.index_select(x, axis, flat)
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
 
 
 def rescompile_expand(x, shape):
@@ -159,8 +159,17 @@ def rescompile_squeeze(x, axes=None):
 
 # ONNX TensorProto data types (the `to` of Cast) -> torch dtypes.
 _ONNX_DTYPES = {
-    1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
-    9: torch.bool, 10: torch.float16, 11: torch.float64, 12: torch.uint32, 13: torch.uint64,
+    1: torch.float32,
+    2: torch.uint8,
+    3: torch.int8,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    10: torch.float16,
+    11: torch.float64,
+    12: torch.uint32,
+    13: torch.uint64,
     16: torch.bfloat16,
 }
 
@@ -172,11 +181,27 @@ def rescompile_cast(x, to, saturate=1, round_mode="up"):
 
 
 CORE_OPS = {
-    "Add": rescompile_add, "Sub": rescompile_sub, "Mul": rescompile_mul, "Div": rescompile_div,
-    "MatMul": rescompile_matmul, "Sigmoid": rescompile_sigmoid, "Tanh": rescompile_tanh,
-    "Relu": rescompile_relu, "Sqrt": rescompile_sqrt, "Max": rescompile_max, "Slice": rescompile_slice,
-    "Identity": rescompile_identity, "Concat": rescompile_concat, "Transpose": rescompile_transpose,
-    "Reshape": rescompile_reshape, "ReduceMean": rescompile_reduce_mean, "ReduceSum": rescompile_reduce_sum,
-    "Softmax": rescompile_softmax, "Gather": rescompile_gather, "Expand": rescompile_expand,
-    "Unsqueeze": rescompile_unsqueeze, "Squeeze": rescompile_squeeze, "Cast": rescompile_cast,
+    "Add": rescompile_add,
+    "Sub": rescompile_sub,
+    "Mul": rescompile_mul,
+    "Div": rescompile_div,
+    "MatMul": rescompile_matmul,
+    "Sigmoid": rescompile_sigmoid,
+    "Tanh": rescompile_tanh,
+    "Relu": rescompile_relu,
+    "Sqrt": rescompile_sqrt,
+    "Max": rescompile_max,
+    "Slice": rescompile_slice,
+    "Identity": rescompile_identity,
+    "Concat": rescompile_concat,
+    "Transpose": rescompile_transpose,
+    "Reshape": rescompile_reshape,
+    "ReduceMean": rescompile_reduce_mean,
+    "ReduceSum": rescompile_reduce_sum,
+    "Softmax": rescompile_softmax,
+    "Gather": rescompile_gather,
+    "Expand": rescompile_expand,
+    "Unsqueeze": rescompile_unsqueeze,
+    "Squeeze": rescompile_squeeze,
+    "Cast": rescompile_cast,
 }

@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx_ir as ir
 
@@ -31,8 +32,7 @@ from rescompile.frontends._onnx_export import export_model
 from rescompile.frontends._onnx_write import write_model
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
 
-__all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx",
-           "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 13  # axes-as-input ops (Unsqueeze, Split, ReduceSum) settled in opset 13
 MAX_OPSET = 25
@@ -69,10 +69,12 @@ def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None, bool]:
         except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ...
             raise RescompileError(
                 f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]}); "
-                "is the file truncated or of another format?") from exc
+                "is the file truncated or of another format?"
+            ) from exc
         if not model.opset_imports and len(model.graph) == 0:
-            raise RescompileError(f"{path}: not a readable ONNX model (it parses to an empty model); "
-                                  "is it of another format?")
+            raise RescompileError(
+                f"{path}: not a readable ONNX model (it parses to an empty model); is it of another format?"
+            )
         return model, str(path), True
     if type(source).__name__ == "ModelProto":
         try:
@@ -107,7 +109,8 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise RescompileError(
             f"unsupported opset {opset}: rescompile reads opsets {MIN_OPSET}-{MAX_OPSET}; "
-            "convert the model with onnx.version_converter.convert_version(model, 17)")
+            "convert the model with onnx.version_converter.convert_version(model, 17)"
+        )
     _infer_missing_shapes(model)
     src_graph = model.graph
     graph = Graph(src_graph.name or "main")
@@ -135,7 +138,8 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
             if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                 raise RescompileError(
                     f"node {n.name!r} ({n.op_type}) has a control-flow subgraph; "
-                    "rescompile does not rewrite models with If/Loop/Scan yet")
+                    "rescompile does not rewrite models with If/Loop/Scan yet"
+                )
         inputs = []
         for v in n.inputs:
             if v is None:
@@ -145,8 +149,15 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
                 raise RescompileError(f"node {n.name!r} reads {v.name!r}, which is defined nowhere")
             inputs.append(vmap[v])
         out_names = [o.name or f"{n.name or n.op_type}_absent{i}" for i, o in enumerate(n.outputs)]
-        node = Node(n.op_type, inputs, domain=n.domain, attrs=dict(n.attributes),
-                    num_outputs=len(n.outputs), name=n.name or n.op_type, output_names=out_names)
+        node = Node(
+            n.op_type,
+            inputs,
+            domain=n.domain,
+            attrs=dict(n.attributes),
+            num_outputs=len(n.outputs),
+            name=n.name or n.op_type,
+            output_names=out_names,
+        )
         if n.overload:
             node.meta["onnx.overload"] = n.overload
         if n.doc_string:
@@ -163,12 +174,21 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
             vmap[o] = out
     graph.set_outputs(vmap[v] for v in src_graph.outputs)
     graph.source = OnnxSource(
-        ir_version=model.ir_version, opset_imports=dict(model.opset_imports),
-        producer_name=model.producer_name, producer_version=model.producer_version,
-        domain=model.domain, model_version=model.model_version, doc_string=model.doc_string,
-        graph_doc_string=src_graph.doc_string, metadata_props=dict(model.metadata_props),
-        graph_metadata_props=dict(src_graph.metadata_props), functions=tuple(model.functions.values()),
-        external_data=external, path=path, model=model if owned else None)
+        ir_version=model.ir_version,
+        opset_imports=dict(model.opset_imports),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+        doc_string=model.doc_string,
+        graph_doc_string=src_graph.doc_string,
+        metadata_props=dict(model.metadata_props),
+        graph_metadata_props=dict(src_graph.metadata_props),
+        functions=tuple(model.functions.values()),
+        external_data=external,
+        path=path,
+        model=model if owned else None,
+    )
     return graph
 
 
@@ -184,6 +204,7 @@ def _infer_missing_shapes(model: ir.Model) -> None:
     if all(o.shape is not None for n in model.graph for o in n.outputs if o.name):
         return
     from onnx_ir.passes.common import ShapeInferencePass
+
     ShapeInferencePass(strict_mode=False)(model)
 
 
@@ -196,8 +217,13 @@ def _weight_bytes(graph: Graph) -> int:
     return total
 
 
-def save_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,
-              check: Callable[[Path], None] | None = None) -> list[Path]:
+def save_onnx(
+    graph: Graph,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> list[Path]:
     """Export and write atomically; returns the files written.
 
     Weights go to `<name>.data` beside the model when the input had external

@@ -43,21 +43,28 @@ from rescompile.frontends._torch_kinds import kind_of_torch_target
 from rescompile.ir import CONST, PARAM, Graph, Node, OpKind, Value
 from rescompile.ir.ops import Role, input_roles
 
-__all__ = ["TorchSource", "capture", "import_graph_module", "import_module", "export_module",
-           "load_pt2", "normalize_example_inputs"]
+__all__ = [
+    "TorchSource",
+    "capture",
+    "import_graph_module",
+    "import_module",
+    "export_module",
+    "load_pt2",
+    "normalize_example_inputs",
+]
 
 
 @dataclasses.dataclass
 class TorchSource:
     """What export needs that the IR does not model."""
 
-    codegen: Any                      # the pytree codegen of the captured graph (in/out specs)
-    placeholders: list[str]           # placeholder names, in order
-    output_template: Any              # output structure with _Slot(i) for graph.outputs[i]
+    codegen: Any  # the pytree codegen of the captured graph (in/out specs)
+    placeholders: list[str]  # placeholder names, in order
+    output_template: Any  # output structure with _Slot(i) for graph.outputs[i]
     buffers_persistent: dict[str, bool]
     training: bool
     module_name: str
-    method: str                       # "torch.export" or "torch.fx"
+    method: str  # "torch.export" or "torch.fx"
     example_args: tuple = ()
     example_kwargs: dict = dataclasses.field(default_factory=dict)
 
@@ -110,6 +117,7 @@ def _auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict |
     """Every dim of every tensor input marked Dim.AUTO (torch.export keeps a dim
     dynamic where the model allows it), keyed by forward()'s parameter names."""
     from torch.utils import _pytree as pytree
+
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
@@ -118,6 +126,7 @@ def _auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict |
 
     def spec(t):
         return {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+
     return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
@@ -161,6 +170,7 @@ def _time_bound(seconds: float | None):
     import signal
     import threading
     import time
+
     main = threading.current_thread() is threading.main_thread()
     # getsignal() is None for a handler installed outside Python, which could not be restored.
     usable = hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is not None
@@ -186,8 +196,14 @@ def _time_bound(seconds: float | None):
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
-def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool | str = "auto",
-            dynamic_timeout: float | None = None) -> tuple[fx.GraphModule, str]:
+def capture(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    dynamic: bool | str = "auto",
+    dynamic_timeout: float | None = None,
+) -> tuple[fx.GraphModule, str]:
     """Capture `module` as a GraphModule.
 
     torch.export (non-strict) with dynamic dims first, so the rewritten module
@@ -204,24 +220,32 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool | str
     if not isinstance(module, nn.Module):
         raise RescompileError(f"expected an nn.Module, got {type(module).__name__}")
     from torch.utils import _pytree as pytree
+
     if dynamic not in (True, False, "auto"):
         raise RescompileError(f"dynamic={dynamic!r}: use True, False or 'auto'")
     name = type(module).__name__
     shapes = _auto_dynamic_shapes(module, args, kwargs) if dynamic else None
     if shapes is not None:
-        bound = (DYNAMIC_CAPTURE_TIMEOUT_S if dynamic_timeout is None else dynamic_timeout) \
-            if dynamic == "auto" else None
+        bound = (
+            (DYNAMIC_CAPTURE_TIMEOUT_S if dynamic_timeout is None else dynamic_timeout)
+            if dynamic == "auto"
+            else None
+        )
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         marks = [(t, dict(vars(t))) for t in tensors]
         try:
             with _quiet(), _time_bound(bound):
-                return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False).module(), \
-                    "torch.export"
+                return torch.export.export(
+                    module, args, kwargs, dynamic_shapes=shapes, strict=False
+                ).module(), "torch.export"
         except _CaptureTimeout:
             # One line: the CLI shows it through logging's last-resort handler (or -v's format).
-            logger.warning("rescompile: warning: dynamic-shape capture of %s stopped after %g s; captured "
-                           "the example's static shapes instead (dynamic=True waits, dynamic=False skips it)",
-                           name, bound)
+            logger.warning(
+                "rescompile: warning: dynamic-shape capture of %s stopped after %g s; captured "
+                "the example's static shapes instead (dynamic=True waits, dynamic=False skips it)",
+                name,
+                bound,
+            )
         except Exception:
             pass  # some models only export with static shapes
         # A failed torch.export leaves its dim markers (_dynamo_*) on the input tensors, and
@@ -245,7 +269,8 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool | str
             raise RescompileError(
                 f"cannot capture {name}: torch.export failed ({_first_line(export_error)}) and "
                 f"torch.fx.symbolic_trace failed ({_first_line(fx_error)}); check that the example "
-                "inputs match forward() and that forward() has no data-dependent control flow") from fx_error
+                "inputs match forward() and that forward() has no data-dependent control flow"
+            ) from fx_error
 
 
 def _leaf_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module):
@@ -264,8 +289,16 @@ def _leaf_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module):
     if isinstance(mod, nn.LayerNorm):
         return F.layer_norm, (x, mod.normalized_shape, attr("weight"), attr("bias"), mod.eps)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.track_running_stats:
-        return F.batch_norm, (x, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"),
-                              False, 0.0, mod.eps)
+        return F.batch_norm, (
+            x,
+            attr("running_mean"),
+            attr("running_var"),
+            attr("weight"),
+            attr("bias"),
+            False,
+            0.0,
+            mod.eps,
+        )
     if isinstance(mod, nn.Embedding):
         return F.embedding, (x, attr("weight"), mod.padding_idx)
     return None
@@ -297,7 +330,7 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
     names = [p.target for p in placeholders]
     bound = dict(zip(names, args))
     bound.update(kwargs)
-    missing = [n for n in names[len(args):] if n not in bound]
+    missing = [n for n in names[len(args) :] if n not in bound]
     if missing and any(p.args == () for p in placeholders if p.target in missing):
         raise RescompileError(f"example inputs are missing {missing}")
 
@@ -308,19 +341,25 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
             return out
 
     with torch.no_grad():
-        Recorder(gm).run(*[bound.get(n, p.args[0] if p.args else None)
-                           for n, p in zip(names, placeholders)])
+        Recorder(gm).run(*[bound.get(n, p.args[0] if p.args else None) for n, p in zip(names, placeholders)])
 
 
-def import_module(module: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
-                  dynamic: bool | str = "auto", dynamic_timeout: float | None = None) -> Graph:
+def import_module(
+    module: nn.Module,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    *,
+    dynamic: bool | str = "auto",
+    dynamic_timeout: float | None = None,
+) -> Graph:
     """Capture and import an nn.Module (see `capture` for `dynamic` and `dynamic_timeout`)."""
     args, kwargs = normalize_example_inputs(example_inputs, example_kwargs)
     if not args and not kwargs:
         raise RescompileError(f"{type(module).__name__}: example_inputs are needed to trace an nn.Module")
     gm, method = capture(module, args, kwargs, dynamic=dynamic, dynamic_timeout=dynamic_timeout)
-    graph = import_graph_module(gm, method=method, module_name=type(module).__name__,
-                                training=module.training)
+    graph = import_graph_module(
+        gm, method=method, module_name=type(module).__name__, training=module.training
+    )
     graph.source.example_args, graph.source.example_kwargs = args, kwargs
     return graph
 
@@ -333,7 +372,8 @@ def load_pt2(path) -> Graph:
     except Exception as exc:
         raise RescompileError(
             f"{path}: not a readable torch.export program ({_first_line(exc)}); if it takes or returns "
-            "custom classes (e.g. Hugging Face ModelOutput), export it with return_dict=False") from exc
+            "custom classes (e.g. Hugging Face ModelOutput), export it with return_dict=False"
+        ) from exc
     graph = import_graph_module(ep.module(), method="torch.export", module_name=str(path), training=False)
     if ep.example_inputs is not None:
         graph.source.example_args, graph.source.example_kwargs = ep.example_inputs
@@ -343,6 +383,7 @@ def load_pt2(path) -> Graph:
 def _dim(d: Any) -> int | str:
     """A static dim as int (also a SymInt that is really a constant), else its symbol."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
     return int(d) if isinstance(d, int) or is_concrete_int(d) else str(d)
 
 
@@ -366,8 +407,11 @@ def _node_kind(n: fx.Node, gm: fx.GraphModule, kinds: dict[fx.Node, OpKind]) -> 
         source = n.args[0]
         # Picking output 0 of a tuple-returning op (norms, pooling with indices) passes
         # the tensor through; indexing a tensor or a split's list selects channels.
-        if isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (tuple, list)) \
-                and kinds.get(source) is not OpKind.SPLIT:
+        if (
+            isinstance(source, fx.Node)
+            and isinstance(source.meta.get("val"), (tuple, list))
+            and kinds.get(source) is not OpKind.SPLIT
+        ):
             return OpKind.IDENTITY
         return OpKind.SPLIT
     return kind_of_torch_target(n.target)
@@ -376,6 +420,7 @@ def _node_kind(n: fx.Node, gm: fx.GraphModule, kinds: dict[fx.Node, OpKind]) -> 
 def _keeps_last_axis(n: fx.Node) -> bool | None:
     """For transpose/permute calls: whether the last axis stays last (None: not one)."""
     from rescompile.frontends._torch_kinds import base_name
+
     name = base_name(n.target)
     val = n.meta.get("val")
     rank = val.dim() if isinstance(val, torch.Tensor) else None
@@ -433,6 +478,7 @@ def _lift_attributes(n: fx.Node, args_t: tuple, kwargs_t: dict, attrs: dict) -> 
     """Move constant arguments (eps, normalized_shape, groups, split sizes, dims...) into
     `attrs` under their parameter names, where analysis and passes read them, leaving _Attr
     references in the template. Arguments that hold a tensor or a symbolic size stay there."""
+
     def liftable(name, value):
         nodes: list[fx.Node] = []
         fx.node.map_arg(value, nodes.append)
@@ -453,8 +499,9 @@ def _lift_attributes(n: fx.Node, args_t: tuple, kwargs_t: dict, attrs: dict) -> 
     return tuple(args_t), kwargs_t
 
 
-def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_name: str = "",
-                        training: bool = False) -> Graph:
+def import_graph_module(
+    gm: fx.GraphModule, *, method: str = "torch.fx", module_name: str = "", training: bool = False
+) -> Graph:
     """Convert a GraphModule (from torch.export's `ep.module()` or torch.fx) into the IR."""
     graph = Graph(module_name or "main")
     env: dict[fx.Node, Value] = {}
@@ -489,11 +536,14 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                 role = PARAM if n.target in params and payload.requires_grad else CONST
                 dtype, shape = _val_info(payload)
                 value = Value(n.target, dtype=dtype, shape=shape, payload=payload, role=role)
-                value.meta["torch.kind"] = ("parameter" if n.target in params else
-                                            "buffer" if n.target in buffers else "constant")
+                value.meta["torch.kind"] = (
+                    "parameter" if n.target in params else "buffer" if n.target in buffers else "constant"
+                )
             else:
-                raise RescompileError(f"attribute {n.target!r} is a {type(payload).__name__}; "
-                                      "only tensors and submodules are supported")
+                raise RescompileError(
+                    f"attribute {n.target!r} is a {type(payload).__name__}; "
+                    "only tensors and submodules are supported"
+                )
             graph.add_initializer(value)
             if value.name != n.target:
                 raise RescompileError(f"duplicate attribute name {n.target!r}")
@@ -504,7 +554,7 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                 continue  # a getitem of a multi-output node: already that node's output
             inputs: list[Value] = []
 
-            def slot(arg: fx.Node) -> _Slot:
+            def slot(arg: fx.Node, inputs: list[Value] = inputs) -> _Slot:
                 inputs.append(env[arg])
                 return _Slot(len(inputs) - 1)
 
@@ -516,8 +566,11 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
             attrs.update(args=args_t, kwargs=kwargs_t)
             if n.op == "call_module":
                 attrs["module"] = _resolve_attr(gm, n.target)
-            op_type = n.target if isinstance(n.target, str) else str(
-                getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
+            op_type = (
+                n.target
+                if isinstance(n.target, str)
+                else str(getattr(n.target, "_name", None) or getattr(n.target, "__name__", n.target))
+            )
             picks = _tuple_picks(n)
             if picks is None:
                 vals, names = [n.meta.get("val")], [n.name]
@@ -528,8 +581,16 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
                     named.setdefault(index, user.name)  # outputs keep the names of the getitems they replace
                 vals = n.meta["val"]
                 names = [named.get(i, f"{n.name}_out{i}") for i in range(len(vals))]
-            node = Node(op_type, inputs, domain="torch", attrs=attrs, kind=kinds[n], name=n.name,
-                        num_outputs=len(names), output_names=names)
+            node = Node(
+                op_type,
+                inputs,
+                domain="torch",
+                attrs=attrs,
+                kind=kinds[n],
+                name=n.name,
+                num_outputs=len(names),
+                output_names=names,
+            )
             keeps = _keeps_last_axis(n)
             if keeps is not None:
                 node.meta["keeps_last_axis"] = keeps
@@ -545,7 +606,7 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
         elif n.op == "output":
             outputs: list[Value] = []
 
-            def out_slot(arg: fx.Node) -> _Slot:
+            def out_slot(arg: fx.Node, outputs: list[Value] = outputs) -> _Slot:
                 outputs.append(env[arg])
                 return _Slot(len(outputs) - 1)
 
@@ -561,9 +622,15 @@ def import_graph_module(gm: fx.GraphModule, *, method: str = "torch.fx", module_
             value = Value(target, dtype=dtype, shape=shape, payload=tensor, role=role)
             value.meta["torch.kind"] = kind
             graph.add_initializer(value)
-    graph.source = TorchSource(codegen=gm.graph._codegen, placeholders=placeholders,
-                               output_template=output_template, buffers_persistent=persistent,
-                               training=training, module_name=module_name, method=method)
+    graph.source = TorchSource(
+        codegen=gm.graph._codegen,
+        placeholders=placeholders,
+        output_template=output_template,
+        buffers_persistent=persistent,
+        training=training,
+        module_name=module_name,
+        method=method,
+    )
     return graph
 
 
@@ -584,6 +651,7 @@ def _tensor(payload: Any, dtype: str | None) -> torch.Tensor:
 def _attr_path(name: str) -> list[str]:
     """Attribute names for a dotted parameter name: identifiers, never keywords."""
     import keyword
+
     parts = [re.sub(r"\W", "_", p) or "_" for p in name.split(".")]
     return [p + "_" if keyword.iskeyword(p) else p for p in parts]
 
@@ -634,13 +702,23 @@ def export_module(graph: Graph) -> fx.GraphModule:
             target = _register_module(root, value.name, value.payload)
         else:
             tensor = _tensor(value.payload, value.dtype)
-            target = _register(root, value.name, tensor, kind, source.buffers_persistent.get(value.name, True))
+            target = _register(
+                root, value.name, tensor, kind, source.buffers_persistent.get(value.name, True)
+            )
         env[value] = fxg.get_attr(target)
     for node in graph:
         ins = [env[v] if v is not None else None for v in node.inputs]
         if node.domain == "torch":
+
             def fill(s, node=node, ins=ins):
-                return ins[s.index] if isinstance(s, _Slot) else node.attrs[s.name] if isinstance(s, _Attr) else s
+                return (
+                    ins[s.index]
+                    if isinstance(s, _Slot)
+                    else node.attrs[s.name]
+                    if isinstance(s, _Attr)
+                    else s
+                )
+
             args = fx.node.map_aggregate(node.attrs["args"], fill)
             kwargs = fx.node.map_aggregate(node.attrs["kwargs"], fill)
             op = node.attrs["fx_op"]
@@ -654,20 +732,29 @@ def export_module(graph: Graph) -> fx.GraphModule:
             # Shape-like constants (axes, shapes, slice bounds) go in as Python values, not buffers;
             # integer constants that are data (Gather indices, an operand of Sub) stay tensors.
             roles = input_roles(node) or ()
-            args = tuple(_python_constant(v) if i < len(roles) and roles[i] in _SHAPE_ROLES and _is_small_int_const(v)
-                         else x for i, (v, x) in enumerate(zip(node.inputs, ins)))
+            args = tuple(
+                _python_constant(v)
+                if i < len(roles) and roles[i] in _SHAPE_ROLES and _is_small_int_const(v)
+                else x
+                for i, (v, x) in enumerate(zip(node.inputs, ins))
+            )
             fx_node = fxg.call_function(CORE_OPS[node.op_type], args, attrs)
         else:
-            raise RescompileError(f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
-                                  "form; export this model to ONNX instead")
+            raise RescompileError(
+                f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
+                "form; export this model to ONNX instead"
+            )
         if node.attrs.get("returns_tuple"):
             for i, out in enumerate(node.outputs):
                 if out.uses() or out.is_graph_output:
                     env[out] = fxg.create_node("call_function", operator.getitem, (fx_node, i), name=out.name)
         else:
             env[node.outputs[0]] = fx_node
-    fxg.output(fx.node.map_aggregate(source.output_template,
-                                     lambda s: env[graph.outputs[s.index]] if isinstance(s, _Slot) else s))
+    fxg.output(
+        fx.node.map_aggregate(
+            source.output_template, lambda s: env[graph.outputs[s.index]] if isinstance(s, _Slot) else s
+        )
+    )
     fxg._codegen = source.codegen
     gm = fx.GraphModule(root, fxg, class_name="RescompiledModule")
     gm.train(source.training)
@@ -678,8 +765,13 @@ _SHAPE_ROLES = frozenset({Role.SHAPE, Role.AXES, Role.STARTS, Role.ENDS, Role.ST
 
 
 def _is_small_int_const(value: Value | None) -> bool:
-    return (value is not None and value.role == CONST and value.dtype is not None
-            and value.dtype.startswith(("int", "uint")) and np.size(np.asarray(_tensor(value.payload, None))) <= 8)
+    return (
+        value is not None
+        and value.role == CONST
+        and value.dtype is not None
+        and value.dtype.startswith(("int", "uint"))
+        and np.size(np.asarray(_tensor(value.payload, None))) <= 8
+    )
 
 
 def _python_constant(value: Value) -> list[int]:
@@ -694,7 +786,6 @@ def _register_module(root: nn.Module, target: str, module: nn.Module) -> str:
     return ".".join(parts)
 
 
-
 # ----- files and comparison -----------------------------------------------------------------
 def load_pickled_module(path, *, trust_pickle: bool) -> nn.Module:
     """Load a module saved with `torch.save(model)`; refuse without explicit trust.
@@ -703,6 +794,7 @@ def load_pickled_module(path, *, trust_pickle: bool) -> nn.Module:
     only a state dict is refused: the weights alone do not say what the network is.
     """
     from pathlib import Path
+
     path = Path(path)
     if not path.exists():
         raise RescompileError(f"{path}: no such file")
@@ -712,18 +804,23 @@ def load_pickled_module(path, *, trust_pickle: bool) -> nn.Module:
     except Exception:
         obj = None  # not loadable without unpickling code: a pickled module (or garbage)
     if isinstance(obj, dict):
-        raise RescompileError(f"{path} holds a state dict (weights only), not a model: build the model in "
-                              "Python, load_state_dict, and pass the module to rescompile.apply, "
-                              "or save it with torch.export.save as .pt2")
+        raise RescompileError(
+            f"{path} holds a state dict (weights only), not a model: build the model in "
+            "Python, load_state_dict, and pass the module to rescompile.apply, "
+            "or save it with torch.export.save as .pt2"
+        )
     if not trust_pickle:
-        raise RescompileError(f"{path} is a pickled module; loading it runs code from the file. "
-                              "Pass --trust-pickle if you trust it, or save it as .pt2 with torch.export.save")
+        raise RescompileError(
+            f"{path} is a pickled module; loading it runs code from the file. "
+            "Pass --trust-pickle if you trust it, or save it as .pt2 with torch.export.save"
+        )
     try:
         with _quiet():
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise RescompileError(f"{path}: cannot unpickle ({_first_line(exc)}); the classes it "
-                              "needs must be importable") from exc
+        raise RescompileError(
+            f"{path}: cannot unpickle ({_first_line(exc)}); the classes it needs must be importable"
+        ) from exc
     if not isinstance(obj, nn.Module):
         raise RescompileError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
     return obj.eval()
@@ -732,9 +829,11 @@ def load_pickled_module(path, *, trust_pickle: bool) -> nn.Module:
 def example_inputs_of(graph: Graph) -> tuple[tuple, dict]:
     source = graph.source
     if not isinstance(source, TorchSource) or (not source.example_args and not source.example_kwargs):
-        raise RescompileError("no example inputs are known for this program; save it with "
-                              "torch.export.save from an ExportedProgram that has them, or pass "
-                              "--example-inputs")
+        raise RescompileError(
+            "no example inputs are known for this program; save it with "
+            "torch.export.save from an ExportedProgram that has them, or pass "
+            "--example-inputs"
+        )
     return source.example_args, source.example_kwargs
 
 
@@ -745,6 +844,7 @@ def save_program(graph: Graph, path) -> None:
     import shutil
     import tempfile
     from pathlib import Path
+
     path = Path(path)
     args, kwargs = example_inputs_of(graph)
     module = export_module(graph).eval()
@@ -771,12 +871,20 @@ def save_program(graph: Graph, path) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def compare_modules(original: nn.Module, rewritten: nn.Module, inputs: Any, *, kwargs: dict | None = None,
-                    atol: float = 1e-5, rtol: float = 0.0):
+def compare_modules(
+    original: nn.Module,
+    rewritten: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: dict | None = None,
+    atol: float = 1e-5,
+    rtol: float = 0.0,
+):
     """Run two modules on the same inputs; compare every tensor in their outputs."""
     from torch.utils import _pytree as pytree
 
     from rescompile.validation import ValidationResult, diff
+
     if inputs is None and not kwargs:
         raise RescompileError("validate needs inputs for nn.Modules (a tensor, tuple or dict)")
     args, kwargs = normalize_example_inputs(inputs, kwargs)
@@ -790,5 +898,7 @@ def compare_modules(original: nn.Module, rewritten: nn.Module, inputs: Any, *, k
     diffs = []
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            diffs.append(diff(f"output[{i}]", x.detach().float().numpy(), y.detach().float().numpy(), atol, rtol))
+            diffs.append(
+                diff(f"output[{i}]", x.detach().float().numpy(), y.detach().float().numpy(), atol, rtol)
+            )
     return ValidationResult(tuple(diffs), atol, rtol, {})

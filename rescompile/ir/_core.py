@@ -46,12 +46,29 @@ class Value:
     hundreds of thousands of values).
     """
 
-    __slots__ = ("name", "dtype", "shape", "payload", "role", "producer", "index",
-                 "graph", "meta", "origin", "_uses")
+    __slots__ = (
+        "name",
+        "dtype",
+        "shape",
+        "payload",
+        "role",
+        "producer",
+        "index",
+        "graph",
+        "meta",
+        "origin",
+        "_uses",
+    )
 
-    def __init__(self, name: str, *, dtype: str | None = None,
-                 shape: tuple | None = None, payload: Any = None,
-                 role: str = ACTIVATION) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        dtype: str | None = None,
+        shape: tuple | None = None,
+        payload: Any = None,
+        role: str = ACTIVATION,
+    ) -> None:
         self.name = name
         self.dtype = dtype
         self.shape = None if shape is None else tuple(shape)
@@ -119,17 +136,40 @@ class Node:
         output_names: names for the outputs (made unique on insertion).
     """
 
-    __slots__ = ("op_type", "domain", "kind", "attrs", "_inputs", "outputs", "name",
-                 "graph", "meta", "origin", "_prev", "_next")
+    __slots__ = (
+        "op_type",
+        "domain",
+        "kind",
+        "attrs",
+        "_inputs",
+        "outputs",
+        "name",
+        "graph",
+        "meta",
+        "origin",
+        "_prev",
+        "_next",
+    )
 
-    def __init__(self, op_type: str, inputs: Sequence[Value | None], *, domain: str = "",
-                 attrs: Mapping[str, Any] | None = None, num_outputs: int = 1,
-                 kind: OpKind | None = None, name: str | None = None,
-                 output_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        op_type: str,
+        inputs: Sequence[Value | None],
+        *,
+        domain: str = "",
+        attrs: Mapping[str, Any] | None = None,
+        num_outputs: int = 1,
+        kind: OpKind | None = None,
+        name: str | None = None,
+        output_names: Sequence[str] | None = None,
+    ) -> None:
         self.op_type = op_type
         self.domain = domain
-        self.kind = kind if kind is not None else (
-            kind_of_onnx_op(op_type) if domain in ("", "ai.onnx") else OpKind.OTHER)
+        self.kind = (
+            kind
+            if kind is not None
+            else (kind_of_onnx_op(op_type) if domain in ("", "ai.onnx") else OpKind.OTHER)
+        )
         self.attrs: dict[str, Any] = dict(attrs or {})
         self.name = name or op_type
         self.graph: Graph | None = None
@@ -141,8 +181,8 @@ class Node:
         if output_names is not None and len(output_names) != num_outputs:
             raise IRError(f"{op_type}: {len(output_names)} output names for {num_outputs} outputs")
         self.outputs: tuple[Value, ...] = tuple(
-            Value(output_names[i] if output_names else f"{self.name}_out{i}")
-            for i in range(num_outputs))
+            Value(output_names[i] if output_names else f"{self.name}_out{i}") for i in range(num_outputs)
+        )
         for i, out in enumerate(self.outputs):
             out.producer, out.index = self, i
         for i, value in enumerate(self._inputs):
@@ -175,8 +215,12 @@ class Node:
         """Rewire input `index`, keeping both sides' use lists in step."""
         if not 0 <= index < len(self._inputs):
             raise IRError(f"{self.name!r} has no input {index}")
-        if (value is not None and self.graph is not None and value.graph is not None
-                and value.graph is not self.graph):
+        if (
+            value is not None
+            and self.graph is not None
+            and value.graph is not None
+            and value.graph is not self.graph
+        ):
             raise IRError(f"{value.name!r} belongs to another graph")
         old = self._inputs[index]
         if old is value:
@@ -185,7 +229,7 @@ class Node:
             old._uses.pop(Usage(self, index), None)
         if value is not None:
             value._uses[Usage(self, index)] = None
-        self._inputs = self._inputs[:index] + (value,) + self._inputs[index + 1:]
+        self._inputs = self._inputs[:index] + (value,) + self._inputs[index + 1 :]
 
     def _detach_inputs(self) -> None:
         for i, value in enumerate(self._inputs):
@@ -404,7 +448,8 @@ class Graph:
         """Create and register a new initializer holding `payload` (e.g. a numpy array)."""
         shape = tuple(int(d) for d in getattr(payload, "shape", ()))
         return self.add_initializer(
-            Value(name, dtype=dtype, shape=shape, payload=payload, role=PARAM if trainable else CONST))
+            Value(name, dtype=dtype, shape=shape, payload=payload, role=PARAM if trainable else CONST)
+        )
 
     def values(self) -> Iterator[Value]:
         """Every value: inputs, initializers, then node outputs in order."""
@@ -416,4 +461,3 @@ class Graph:
     def node_order(self) -> dict[Node, int]:
         """Position of each node in the current order (a topological index)."""
         return {node: i for i, node in enumerate(self)}
-

@@ -26,6 +26,7 @@ def to_networkx(graph: Graph, *, data_only: bool = True):
         data_only: drop edges that carry only a shape (into Shape/Size ops).
     """
     import networkx as nx  # imported here: 0.1 s that inspect/apply do not need
+
     g = nx.DiGraph()
     for value in graph.values():
         g.add_node(value, type="value")

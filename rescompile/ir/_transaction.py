@@ -36,8 +36,11 @@ class _SlotRecords:
         self.objects, self.slots = objects, cls.__slots__
         self.states = list(map(attrgetter(*self.slots), objects))
         # Most meta dicts are empty: recording None for them saves a dict per object.
-        self.copies = {slot: [d.copy() if d else None for d in map(attrgetter(slot), objects)]
-                       for slot in self.slots if slot in _COPIED}
+        self.copies = {
+            slot: [d.copy() if d else None for d in map(attrgetter(slot), objects)]
+            for slot in self.slots
+            if slot in _COPIED
+        }
 
     def restore(self) -> None:
         for obj, state in zip(self.objects, self.states):
@@ -54,8 +57,9 @@ class GraphSnapshot:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self._graph_state = {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v
-                             for k, v in vars(graph).items()}
+        self._graph_state = {
+            k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in vars(graph).items()
+        }
         nodes = list(graph)
         outputs = (out for node in nodes for out in node.outputs)
         values = [*graph.inputs, *graph.initializers.values(), *outputs]

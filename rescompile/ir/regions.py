@@ -48,8 +48,10 @@ class Region:
         self.nodes: tuple[Node, ...] = tuple(n for n in graph if n in members) if members else ()
 
     def __repr__(self) -> str:
-        return (f"Region({len(self.nodes)} nodes, entries={[v.name for v in self.entries]}, "
-                f"exits={[v.name for v in self.exits]})")
+        return (
+            f"Region({len(self.nodes)} nodes, entries={[v.name for v in self.entries]}, "
+            f"exits={[v.name for v in self.exits]})"
+        )
 
     def __contains__(self, node: Node) -> bool:
         return node in self._members
@@ -62,8 +64,9 @@ class Region:
 
     def _reads(self) -> dict[Value, None]:
         """Values read from outside, in first-read order."""
-        return {v: None for n in self.nodes for v in n.inputs
-                if v is not None and v.producer not in self._members}
+        return {
+            v: None for n in self.nodes for v in n.inputs if v is not None and v.producer not in self._members
+        }
 
     @property
     def entries(self) -> tuple[Value, ...]:
@@ -78,8 +81,12 @@ class Region:
     @property
     def exits(self) -> tuple[Value, ...]:
         """Values defined inside that a node outside reads, or that are graph outputs."""
-        return tuple(out for n in self.nodes for out in n.outputs
-                     if out.is_graph_output or any(u.node not in self._members for u in out.uses()))
+        return tuple(
+            out
+            for n in self.nodes
+            for out in n.outputs
+            if out.is_graph_output or any(u.node not in self._members for u in out.uses())
+        )
 
     # ----- constructors ---------------------------------------------------------------
     @classmethod
@@ -125,8 +132,9 @@ class Region:
                     frontier.extend(node.outputs)
         for value in exits:
             if value not in stop and value.producer not in core:
-                raise IRError(f"exit {value.name!r} is not computed from the entries "
-                              f"{sorted(v.name for v in stop)}")
+                raise IRError(
+                    f"exit {value.name!r} is not computed from the entries {sorted(v.name for v in stop)}"
+                )
         return cls(graph, _with_helpers(core, stop))
 
     @classmethod
@@ -154,8 +162,10 @@ class Region:
         region = cls.between([sites[0].fork], [end])
         for site in sites:
             if site.add not in region:
-                raise IRError(f"site {site.name!r} is not between {sites[0].fork.name!r} and "
-                              f"{end.name!r}: the sites are not consecutive")
+                raise IRError(
+                    f"site {site.name!r} is not between {sites[0].fork.name!r} and "
+                    f"{end.name!r}: the sites are not consecutive"
+                )
         return region
 
 
@@ -165,8 +175,7 @@ def _is_initializer(value: Value) -> bool:
 
 
 def _only_read_by(node: Node, members: set[Node]) -> bool:
-    return all(not out.is_graph_output and all(u.node in members for u in out.uses())
-               for out in node.outputs)
+    return all(not out.is_graph_output and all(u.node in members for u in out.uses()) for out in node.outputs)
 
 
 def _unread(node: Node) -> bool:
@@ -185,8 +194,12 @@ def _with_helpers(core: set[Node], stop: set[Value]) -> set[Node]:
     changed = True
     while changed:
         changed = False
-        helpers = {v.producer for n in members for v in n.inputs
-                   if v is not None and v not in stop and v.producer is not None}
+        helpers = {
+            v.producer
+            for n in members
+            for v in n.inputs
+            if v is not None and v not in stop and v.producer is not None
+        }
         sinks = {u.node for n in members for out in n.outputs for u in out.uses()}
         for node in helpers - members:
             if is_pure(node) and _only_read_by(node, members):
@@ -200,8 +213,13 @@ def _with_helpers(core: set[Node], stop: set[Value]) -> set[Node]:
 
 
 # ----- operations ---------------------------------------------------------------------
-def clone(region: Region, *, inputs: Mapping[Value, Value] | None = None, share_params: bool = True,
-          prefix: str = "clone/") -> dict[Value, Value]:
+def clone(
+    region: Region,
+    *,
+    inputs: Mapping[Value, Value] | None = None,
+    share_params: bool = True,
+    prefix: str = "clone/",
+) -> dict[Value, Value]:
     """Insert a copy of `region`; returns old -> new for every value the copy defines.
 
     The map covers each output of the region's nodes (so its exits) and, without
@@ -239,8 +257,13 @@ def clone(region: Region, *, inputs: Mapping[Value, Value] | None = None, share_
     if not share_params:
         for param in reads:
             if _is_initializer(param) and param.role == PARAM and param not in mapping:
-                new = Value(prefix + param.name, dtype=param.dtype, shape=param.shape,
-                            payload=_copy_payload(param.payload), role=param.role)
+                new = Value(
+                    prefix + param.name,
+                    dtype=param.dtype,
+                    shape=param.shape,
+                    payload=_copy_payload(param.payload),
+                    role=param.role,
+                )
                 new.meta.update(param.meta)
                 defined[param] = graph.add_initializer(new)
     vmap = {**mapping, **defined}
@@ -249,10 +272,16 @@ def clone(region: Region, *, inputs: Mapping[Value, Value] | None = None, share_
     anchor = max((p for p in producers if p is not None), key=order.__getitem__, default=None)
     copies = []
     for node in region.nodes:
-        twin = Node(node.op_type, [None if v is None else vmap.get(v, v) for v in node.inputs],
-                    domain=node.domain, attrs=dict(node.attrs), num_outputs=len(node.outputs),
-                    kind=node.kind, name=prefix + node.name,
-                    output_names=[prefix + out.name for out in node.outputs])
+        twin = Node(
+            node.op_type,
+            [None if v is None else vmap.get(v, v) for v in node.inputs],
+            domain=node.domain,
+            attrs=dict(node.attrs),
+            num_outputs=len(node.outputs),
+            kind=node.kind,
+            name=prefix + node.name,
+            output_names=[prefix + out.name for out in node.outputs],
+        )
         twin.meta.update(node.meta)
         for out, new in zip(node.outputs, twin.outputs):
             new.dtype, new.shape = out.dtype, out.shape
@@ -298,18 +327,25 @@ def remove(region: Region, *, replace: Mapping[Value, Value] | None = None) -> N
         if old.producer not in region:
             raise IRError(f"{old.name!r} is not defined by the region")
         if new.graph is not graph or new.producer in region:
-            raise IRError(f"{new.name!r} cannot replace {old.name!r}: it is removed with the region "
-                          "or belongs to another graph")
+            raise IRError(
+                f"{new.name!r} cannot replace {old.name!r}: it is removed with the region "
+                "or belongs to another graph"
+            )
     kept = [v for v in exits if v not in replace]
     if kept:
         users = [u.node.name for u in kept[0].uses() if u.node not in region][:3]
-        raise IRError(f"{kept[0].name!r} is still used outside the region "
-                      f"({', '.join(users) or 'graph output'}); re-point it first or pass replace=")
+        raise IRError(
+            f"{kept[0].name!r} is still used outside the region "
+            f"({', '.join(users) or 'graph output'}); re-point it first or pass replace="
+        )
     if any(new.producer is not None for new in replace.values()):
         order = graph.node_order()
         for old, new in replace.items():
-            late = [n for n in old.consumers() if n not in region and new.producer is not None
-                    and order[n] <= order[new.producer]]
+            late = [
+                n
+                for n in old.consumers()
+                if n not in region and new.producer is not None and order[n] <= order[new.producer]
+            ]
             if late:
                 raise IRError(f"{new.name!r} is defined after {late[0].name!r}, which reads {old.name!r}")
     renamed = []

@@ -17,8 +17,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> str:
     import onnxruntime
     import torch
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    )
 
 
 def write_result(name: str, markdown: str) -> Path:

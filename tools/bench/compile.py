@@ -27,12 +27,16 @@ from tools.bench.models import gpt2_large_export, residual_chain  # noqa: E402
 PY = sys.executable
 RESCOMPILE = [PY, "-m", "rescompile"]
 
-IR_LOAD_SAVE = ("import sys, onnx_ir as ir; m = ir.load(sys.argv[1]); "
-                "ir.save(m, sys.argv[2], external_data=sys.argv[3] or None)")
-ONNX_LOAD_SAVE = ("import sys, onnx; m = onnx.load(sys.argv[1]); "
-                  "onnx.save(m, sys.argv[2], save_as_external_data=bool(sys.argv[3]), location=sys.argv[3] or None)")
+IR_LOAD_SAVE = (
+    "import sys, onnx_ir as ir; m = ir.load(sys.argv[1]); "
+    "ir.save(m, sys.argv[2], external_data=sys.argv[3] or None)"
+)
+ONNX_LOAD_SAVE = (
+    "import sys, onnx; m = onnx.load(sys.argv[1]); "
+    "onnx.save(m, sys.argv[2], save_as_external_data=bool(sys.argv[3]), location=sys.argv[3] or None)"
+)
 
-SPLIT = r'''
+SPLIT = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from rescompile.api import build_passes, load
@@ -58,7 +62,7 @@ t7 = time.perf_counter()
 print(json.dumps({"import rescompile": t1 - t0, "load (onnx-ir -> IR)": t2 - t1, "analysis": t3 - t2,
                   "pass rezero (incl. its analysis)": t4 - t3, "IR edits -> onnx-ir model": t5 - t4,
                   "export + save": t6 - t5, "onnx.checker": t7 - t6}))
-'''
+"""
 
 
 def wall(cmd: list[str]) -> float:
@@ -75,14 +79,25 @@ def bench(path: Path, repeat: int, external: bool) -> dict:
         "onnx_ir load+save": [PY, "-c", IR_LOAD_SAVE, str(path), str(tmp / "out.onnx"), data],
         "onnx load+save": [PY, "-c", ONNX_LOAD_SAVE, str(path), str(tmp / "out.onnx"), data],
         "rescompile inspect": [*RESCOMPILE, "inspect", str(path), "--json"],
-        "rescompile apply -p rezero": [*RESCOMPILE, "apply", str(path), "-p", "rezero", "-o", str(tmp / "r.onnx")],
+        "rescompile apply -p rezero": [
+            *RESCOMPILE,
+            "apply",
+            str(path),
+            "-p",
+            "rezero",
+            "-o",
+            str(tmp / "r.onnx"),
+        ],
     }
     times = {k: [] for k in commands}
     for _ in range(repeat):  # interleave the commands so drifts hit all alike
         for name, cmd in commands.items():
             times[name].append(wall(cmd))
-    split = json.loads(subprocess.run([PY, "-c", SPLIT, str(path), str(tmp / "s.onnx")], check=True,
-                                      capture_output=True, text=True).stdout)
+    split = json.loads(
+        subprocess.run(
+            [PY, "-c", SPLIT, str(path), str(tmp / "s.onnx")], check=True, capture_output=True, text=True
+        ).stdout
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     return {"median": {k: statistics.median(v) for k, v in times.items()}, "split": split}
 
@@ -103,8 +118,10 @@ def main() -> None:
         ir_time = m["onnx_ir load+save"]
         rows = [f"| {k} | {v:.2f} s | {v / ir_time:.2f}x |" for k, v in m.items()]
         split = [f"| {k} | {v:.3f} s |" for k, v in r["split"].items()]
-        verdict = (f"apply / onnx_ir load+save = **{m['rescompile apply -p rezero'] / ir_time:.2f}x** (target <= 1.5x); "
-                   f"inspect / onnx_ir load+save = **{m['rescompile inspect'] / ir_time:.2f}x** (target <= 1.2x)")
+        verdict = (
+            f"apply / onnx_ir load+save = **{m['rescompile apply -p rezero'] / ir_time:.2f}x** (target <= 1.5x); "
+            f"inspect / onnx_ir load+save = **{m['rescompile inspect'] / ir_time:.2f}x** (target <= 1.2x)"
+        )
         sections.append(f"""### {title} ({size:,.0f} MB on disk)
 
 | whole process | median wall time | ratio to onnx_ir load+save |
@@ -119,15 +136,18 @@ Time split inside one `apply` (in-process, after Python start-up):
 |---|---|
 {chr(10).join(split)}
 """)
-    write_result("compile", f"""## Compile speed against the limit
+    write_result(
+        "compile",
+        f"""## Compile speed against the limit
 
-Command: `python tools/bench/compile.py --repeat {args.repeat}{' --skip-large' if args.skip_large else ''}`
+Command: `python tools/bench/compile.py --repeat {args.repeat}{" --skip-large" if args.skip_large else ""}`
 Machine: {machine()}.
 Each figure is the median of {args.repeat} whole-process runs, commands interleaved.
 The load+save baselines write weights to an external data file when the input has one.
 `apply` includes writing the output and running `onnx.checker` on it.
 
-{chr(10).join(sections)}""")
+{chr(10).join(sections)}""",
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,18 @@ sys.path.insert(0, str(ROOT))
 
 from tools.bench.common import machine, write_result  # noqa: E402
 
-VARIANTS = ["original", "ours hyper:n=2", "ours hyper:n=4", "ours hyper:n=2,dynamic=true",
-            "ours hyper:n=4,dynamic=true", "package n=2", "package n=4", "ours frac:m=4",
-            "ours frac:m=4,dynamic=true", "package fracs=4"]
+VARIANTS = [
+    "original",
+    "ours hyper:n=2",
+    "ours hyper:n=4",
+    "ours hyper:n=2,dynamic=true",
+    "ours hyper:n=4,dynamic=true",
+    "package n=2",
+    "package n=4",
+    "ours frac:m=4",
+    "ours frac:m=4,dynamic=true",
+    "package fracs=4",
+]
 
 SETUP = r'''
 import json, logging, resource, statistics, sys, time
@@ -92,15 +101,20 @@ def training_step(model, run):
 
 # Step time: every variant in one process, one step each per round in a shuffled
 # order, so the machine's drift (up to 15% between processes here) hits all alike.
-TIME_WORKER = SETUP + r'''
+TIME_WORKER = (
+    SETUP
+    + r"""
 from tools.bench.common import interleaved_medians
 variants, steps = sys.argv[2].split("|"), int(sys.argv[3])
 steps_of = {v: training_step(*build(v)) for v in variants}
 print(json.dumps(interleaved_medians(steps_of, steps, warmup=1)))
-'''
+"""
+)
 
 # Peak memory: one variant per process (peak RSS cannot be split between variants).
-MEMORY_WORKER = SETUP + r'''
+MEMORY_WORKER = (
+    SETUP
+    + r"""
 variant = sys.argv[2]
 model, run = build(variant)
 with torch.no_grad():
@@ -111,7 +125,8 @@ for _ in range(3):
     step()
 peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 print(json.dumps({"peak_mb": peak, "params": sum(p.numel() for p in model.parameters())}))
-'''
+"""
+)
 
 
 def worker(code: str, *args: str) -> dict:
@@ -124,7 +139,9 @@ def worker(code: str, *args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each variant per process")
-    parser.add_argument("--rounds", type=int, default=2, help="timing processes (figures: mean of their medians)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="timing processes (figures: mean of their medians)"
+    )
     args = parser.parse_args()
     timings = []
     for r in range(args.rounds):
@@ -136,15 +153,26 @@ def main() -> None:
         results[v]["time"] = sum(t[v] for t in timings) / len(timings)
         print(v, results[v], flush=True)
     base = results["original"]
-    rows = [f"| {v} | {r['time'] * 1e3:.0f} ms | {r['time'] / base['time']:.2f}x | {r['peak_mb']:.0f} MB | "
-            f"{r['peak_mb'] / base['peak_mb']:.2f}x | {r['params'] - base['params']:+,} |" for v, r in results.items()]
-    pairs = [("ours hyper:n=2,dynamic=true", "package n=2"), ("ours hyper:n=4,dynamic=true", "package n=4"),
-             ("ours frac:m=4,dynamic=true", "package fracs=4")]
+    rows = [
+        f"| {v} | {r['time'] * 1e3:.0f} ms | {r['time'] / base['time']:.2f}x | {r['peak_mb']:.0f} MB | "
+        f"{r['peak_mb'] / base['peak_mb']:.2f}x | {r['params'] - base['params']:+,} |"
+        for v, r in results.items()
+    ]
+    pairs = [
+        ("ours hyper:n=2,dynamic=true", "package n=2"),
+        ("ours hyper:n=4,dynamic=true", "package n=4"),
+        ("ours frac:m=4,dynamic=true", "package fracs=4"),
+    ]
     per_round = {pair: [t[pair[0]] / t[pair[1]] for t in timings] for pair in pairs}
-    verdicts = [f"- {a} / {b}: time {results[a]['time'] / results[b]['time']:.2f}x "
-                f"(per process: {', '.join(f'{x:.2f}' for x in per_round[(a, b)])}), "
-                f"peak memory {results[a]['peak_mb'] / results[b]['peak_mb']:.2f}x" for a, b in pairs]
-    write_result("hyper", f"""## Hyper- and frac-connections: training step cost
+    verdicts = [
+        f"- {a} / {b}: time {results[a]['time'] / results[b]['time']:.2f}x "
+        f"(per process: {', '.join(f'{x:.2f}' for x in per_round[(a, b)])}), "
+        f"peak memory {results[a]['peak_mb'] / results[b]['peak_mb']:.2f}x"
+        for a, b in pairs
+    ]
+    write_result(
+        "hyper",
+        f"""## Hyper- and frac-connections: training step cost
 
 Command: `python tools/bench/hyper.py --steps {args.steps} --rounds {args.rounds}`
 Machine: {machine()}.
@@ -170,7 +198,8 @@ The package's frac variant writes each fraction of the branch output to every
 fraction of the stream (an m x m depth matrix, all ones at init, which does not
 keep the function); ours follows the paper's function-preserving form (one
 weight per fraction), hence fewer parameters.
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

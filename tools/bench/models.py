@@ -14,6 +14,7 @@ def residual_chain(blocks: int, width: int = 4, path: Path | None = None) -> Pat
     """A residual MLP written directly as ONNX (no torch): per block
     x + MatMul(Relu(MatMul(x, W1)), W2), 4 nodes, 2 small weights."""
     import onnx_ir as ir
+
     path = path or CACHE / f"chain-{blocks}.onnx"
     if path.exists():
         return path
@@ -21,8 +22,14 @@ def residual_chain(blocks: int, width: int = 4, path: Path | None = None) -> Pat
     x = ir.Value(name="x", shape=ir.Shape([1, width]), type=ir.TensorType(ir.DataType.FLOAT))
     nodes, inits, current = [], [], x
     for b in range(blocks):
-        w1 = ir.Value(name=f"b{b}.w1", const_value=ir.tensor(rng.standard_normal((width, width)).astype(np.float32) * 0.1))
-        w2 = ir.Value(name=f"b{b}.w2", const_value=ir.tensor(rng.standard_normal((width, width)).astype(np.float32) * 0.1))
+        w1 = ir.Value(
+            name=f"b{b}.w1",
+            const_value=ir.tensor(rng.standard_normal((width, width)).astype(np.float32) * 0.1),
+        )
+        w2 = ir.Value(
+            name=f"b{b}.w2",
+            const_value=ir.tensor(rng.standard_normal((width, width)).astype(np.float32) * 0.1),
+        )
         for w in (w1, w2):
             w.shape, w.type = ir.Shape([width, width]), ir.TensorType(ir.DataType.FLOAT)
         inits += [w1, w2]
@@ -53,6 +60,7 @@ def gpt2_large_export(layers: int = 48) -> Path:
     import transformers as T
 
     from tools.models import ModelCase, export_onnx
+
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model = T.GPT2Model(T.GPT2Config(n_layer=layers, use_cache=False)).eval()

@@ -40,7 +40,9 @@ def main() -> None:
 
 def assemble() -> None:
     """Rewrite BENCHMARKS.md from the result files (`--only none` does just this)."""
-    sections = [(HERE / "results" / f"{n}.md").read_text() for n in ORDER if (HERE / "results" / f"{n}.md").exists()]
+    sections = [
+        (HERE / "results" / f"{n}.md").read_text() for n in ORDER if (HERE / "results" / f"{n}.md").exists()
+    ]
     (ROOT / "BENCHMARKS.md").write_text(HEADER + "\n" + "\n".join(sections))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

@@ -26,6 +26,7 @@ def build_case(name: str):
     import transformers as T
 
     from tools.models import ModelCase
+
     torch.manual_seed(0)
     if name == "resnet50":
         model = T.ResNetModel(T.ResNetConfig()).eval()
@@ -36,6 +37,7 @@ def build_case(name: str):
 
 def export(name: str) -> Path:
     from tools.models import export_onnx
+
     path = CACHE / f"{name}.onnx"
     if not path.exists():
         export_onnx(build_case(name), path)
@@ -44,6 +46,7 @@ def export(name: str) -> Path:
 
 def session(path: Path):
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -58,6 +61,7 @@ def main() -> None:
     from rescompile.api import build_passes, run_passes
     from rescompile.frontends.onnx import load_onnx, save_onnx
     from rescompile.validation import random_onnx_inputs
+
     rows = []
     for name in args.models.split(","):
         src = export(name)
@@ -81,21 +85,35 @@ def main() -> None:
         for key, s in sessions.items():
             diff = np.abs(s.run(None, feeds)[0] - reference).max() / np.abs(reference).max()
             assert diff < 1e-5, (key, diff)  # relative to the output scale
-        medians = interleaved_medians({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
-                                      rounds=args.rounds)
+        medians = interleaved_medians(
+            {k: (lambda s=s, feeds=feeds: s.run(None, feeds)) for k, s in sessions.items()},
+            rounds=args.rounds,
+        )
         base = medians["original"]
         rows.append(f"| {name} | original ({base_nodes} nodes) | {base * 1e3:.1f} ms | 1.000 | | |")
         control = medians["original, second session"]
-        rows.append(f"| {name} | original, second session (noise control) | {control * 1e3:.1f} ms | "
-                    f"{control / base:.3f} | | |")
+        rows.append(
+            f"| {name} | original, second session (noise control) | {control * 1e3:.1f} ms | "
+            f"{control / base:.3f} | | |"
+        )
         for spec in SPECS:
             plain, folded = "+".join(spec), "+".join(spec + ["fold"])
-            rows.append(f"| {name} | {plain} | {medians[plain] * 1e3:.1f} ms | {medians[plain] / base:.3f} | "
-                        f"{medians[folded] / base:.3f} | {extra_nodes[plain]:+d} / {extra_nodes[folded]:+d} |")
+            rows.append(
+                f"| {name} | {plain} | {medians[plain] * 1e3:.1f} ms | {medians[plain] / base:.3f} | "
+                f"{medians[folded] / base:.3f} | {extra_nodes[plain]:+d} / {extra_nodes[folded]:+d} |"
+            )
         del sessions
-    table = "\n".join(["| model | passes | median latency | ratio to original | after fold | "
-                       "extra nodes (before / after fold) |", "|---|---|---|---|---|---|", *rows])
-    write_result("runtime", f"""## Runtime of rewritten models (ONNX Runtime, CPU)
+    table = "\n".join(
+        [
+            "| model | passes | median latency | ratio to original | after fold | "
+            "extra nodes (before / after fold) |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    write_result(
+        "runtime",
+        f"""## Runtime of rewritten models (ONNX Runtime, CPU)
 
 Command: `python tools/bench/runtime.py --rounds {args.rounds} --models {args.models}`
 Machine: {machine()}. Default ORT session options (all graph optimisations).
@@ -110,7 +128,8 @@ models differ on this machine. Target (issue 4): after `fold`, within noise of
 the original (<= 1.02x). `gate`
 is input-dependent and cannot be folded; `laurel:variant=rw` keeps its skip
 weight (a factor on the stream, not on a branch), so one Mul per site remains.
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -21,24 +21,28 @@ from tools.bench.models import residual_chain  # noqa: E402
 
 # Both workers measure peak RSS less the RSS after their imports (not the peak so
 # far: imports peak higher), with the garbage collector paused as in the CLI.
-MEMORY = r'''
+MEMORY = r"""
 import gc, json, resource, sys, time
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 def current_mb():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-'''
-START = r'''
+"""
+START = r"""
 gc.disable()
 base = current_mb()
-'''
+"""
 
-STAGES = MEMORY + r'''
+STAGES = (
+    MEMORY
+    + r"""
 sys.path.insert(0, sys.argv[3])
 from rescompile.api import build_passes, run_passes
 from rescompile.analysis.residuals import find_residuals
 from rescompile.frontends.onnx import load_onnx, save_onnx
-''' + START + r'''
+"""
+    + START
+    + r"""
 out = {}
 t = time.perf_counter(); graph = load_onnx(sys.argv[1]); out["import"] = time.perf_counter() - t
 out["nodes"] = len(graph); out["mb import"] = rss_mb() - base
@@ -49,30 +53,41 @@ out["mb pass"] = rss_mb() - base
 t = time.perf_counter(); save_onnx(graph, sys.argv[2]); out["export"] = time.perf_counter() - t
 out["peak_rss_mb"] = rss_mb() - base
 print(json.dumps(out))
-'''
+"""
+)
 
 
 # The limit: the same file loaded and saved by each library alone, measured the same way.
-LIMIT = MEMORY + r'''
+LIMIT = (
+    MEMORY
+    + r"""
 import onnx, onnx_ir
-''' + START + r'''
+"""
+    + START
+    + r"""
 if sys.argv[3] == "onnx_ir":
     onnx_ir.save(onnx_ir.load(sys.argv[1]), sys.argv[2])
 else:
     onnx.save(onnx.load(sys.argv[1]), sys.argv[2])
 print(json.dumps(rss_mb() - base))
-'''
+"""
+)
 
 
 def limit_peak_mb(library: str, path: Path, out: Path) -> float:
-    done = subprocess.run([sys.executable, "-c", LIMIT, str(path), str(out), library], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", LIMIT, str(path), str(out), library],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     out.unlink(missing_ok=True)
     return float(done.stdout.strip())
 
 
 def graph_proto_mb(path: Path) -> float:
     import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     del model.graph.initializer[:]
     return model.ByteSize() / 2**20
@@ -83,6 +98,7 @@ def plot_png(per_node: dict, memory: dict) -> str:
     next to the results (matplotlib comes with `make bench`); '' without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -96,8 +112,9 @@ def plot_png(per_node: dict, memory: dict) -> str:
     for what in memory[sizes[0]]:
         right.plot(sizes, [memory[n][what] for n in sizes], marker="o", label=what)
     right.axhline(3, color="grey", linestyle="--", label="target (3x)")
-    right.set(xscale="log", yscale="log", xlabel="nodes", ylabel="peak memory / graph protobuf",
-              title="peak memory")
+    right.set(
+        xscale="log", yscale="log", xlabel="nodes", ylabel="peak memory / graph protobuf", title="peak memory"
+    )
     for ax in (left, right):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -116,8 +133,14 @@ def main() -> None:
     for n in (int(x) for x in args.nodes.split(",")):
         path = residual_chain(n // 4)
         out = Path("/tmp") / f"rc-scale-{n}.onnx"
-        r = json.loads(subprocess.run([sys.executable, "-c", STAGES, str(path), str(out), str(ROOT)],
-                                      check=True, capture_output=True, text=True).stdout)
+        r = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", STAGES, str(path), str(out), str(ROOT)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
         out.unlink(missing_ok=True)
         proto = graph_proto_mb(path)
         limits = {lib: limit_peak_mb(lib, path, out) for lib in ("onnx", "onnx_ir")}
@@ -125,21 +148,30 @@ def main() -> None:
         stages = " | ".join(f"{per_node[n][k]:.1f}" for k in ("import", "analysis", "pass rezero", "export"))
         rows.append(f"| {r['nodes']:,} | {r['sites']:,} | {stages} |")
         peak = r["peak_rss_mb"]
-        memory[n] = {"rescompile apply": peak / proto, "onnx_ir load+save": limits["onnx_ir"] / proto,
-                     "onnx load+save": limits["onnx"] / proto}
+        memory[n] = {
+            "rescompile apply": peak / proto,
+            "onnx_ir load+save": limits["onnx_ir"] / proto,
+            "onnx load+save": limits["onnx"] / proto,
+        }
         mem_rows.append(
             f"| {r['nodes']:,} | {proto:.1f} MB | {limits['onnx']:.0f} MB ({limits['onnx'] / proto:.0f}x) | "
             f"{limits['onnx_ir']:.0f} MB ({limits['onnx_ir'] / proto:.0f}x) | "
             f"{r['mb import']:.0f} / {r['mb analysis']:.0f} / {r['mb pass']:.0f} / {peak:.0f} MB | "
-            f"{peak / proto:.0f}x | {peak / limits['onnx_ir']:.2f}x |")
+            f"{peak / proto:.0f}x | {peak / limits['onnx_ir']:.2f}x |"
+        )
     sizes = sorted(per_node)
     ratio = ""
     if 10000 in per_node and sizes[-1] > 10000:
         top = sizes[-1]
-        ratio = "Time per node at {:,} over 10,000: ".format(top) + ", ".join(
-            f"{k} {per_node[top][k] / per_node[10000][k]:.2f}x" for k in per_node[top]) + " (target <= 1.2x)."
+        ratio = (
+            f"Time per node at {top:,} over 10,000: "
+            + ", ".join(f"{k} {per_node[top][k] / per_node[10000][k]:.2f}x" for k in per_node[top])
+            + " (target <= 1.2x)."
+        )
     plot = plot_png(per_node, memory)
-    write_result("scaling", f"""## Scaling with graph size
+    write_result(
+        "scaling",
+        f"""## Scaling with graph size
 
 Command: `python tools/bench/scaling.py --nodes {args.nodes}`
 Machine: {machine()}.
@@ -170,7 +202,8 @@ of onnx-ir (the I/O layer chosen for its speed on large weights) each cost many
 times the serialized graph. A 3x peak would need an IR that creates no Python
 object per node and value and I/O that never holds the whole graph; rescompile's
 own share is its peak over onnx_ir load+save (last column).
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def main() -> None:
 
     import rescompile
     from rescompile.frontends.torch import _auto_dynamic_shapes, _quiet
+
     logging.getLogger("torch").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model = T.GPT2Model(T.GPT2Config(n_layer=12, use_cache=False)).eval()
@@ -51,8 +52,12 @@ def main() -> None:
     def apply_static():
         rescompile.apply(model, ["rezero"], kwargs, dynamic=False)
 
-    fns = {"torch.export (static)": static, "torch.export (dynamic dims)": dynamic,
-           "rescompile.apply rezero": apply, "rescompile.apply rezero, dynamic=False": apply_static}
+    fns = {
+        "torch.export (static)": static,
+        "torch.export (dynamic dims)": dynamic,
+        "rescompile.apply rezero": apply,
+        "rescompile.apply rezero, dynamic=False": apply_static,
+    }
     times = {k: [] for k in fns}
     apply()  # warm-up: first-call costs of torch.export
     for _ in range(args.repeat):
@@ -63,11 +68,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     a, b = med["rescompile.apply rezero"], med["rescompile.apply rezero, dynamic=False"]
     rows = "\n".join(f"| {k} | {v:.2f} s |" for k, v in med.items())
-    verdict = (f"Like for like: apply (dynamic dims) / torch.export (dynamic dims) = "
-               f"**{a / med['torch.export (dynamic dims)']:.2f}x**; apply (dynamic=False) / torch.export (static) = "
-               f"**{b / med['torch.export (static)']:.2f}x**; the default apply / static torch.export = "
-               f"{a / med['torch.export (static)']:.2f}x (dynamic capture costs more inside torch.export itself).")
-    write_result("torchpath", f"""## The torch path
+    verdict = (
+        f"Like for like: apply (dynamic dims) / torch.export (dynamic dims) = "
+        f"**{a / med['torch.export (dynamic dims)']:.2f}x**; apply (dynamic=False) / torch.export (static) = "
+        f"**{b / med['torch.export (static)']:.2f}x**; the default apply / static torch.export = "
+        f"{a / med['torch.export (static)']:.2f}x (dynamic capture costs more inside torch.export itself)."
+    )
+    write_result(
+        "torchpath",
+        f"""## The torch path
 
 Command: `python tools/bench/torchpath.py --repeat {args.repeat}`
 Machine: {machine()}.
@@ -81,7 +90,8 @@ GPT-2 (12 layers, n_embd 768, batch 1, seq 128); medians of {args.repeat} interl
 {verdict}
 
 Target: apply <= 1.3x torch.export.export alone on the same model.
-""")
+""",
+    )
 
 
 if __name__ == "__main__":
