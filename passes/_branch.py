@@ -12,6 +12,7 @@ import numpy as np
 from rescompile.analysis.residuals import ResidualSite
 from rescompile.errors import RescompileError
 from rescompile.ir import Graph, Node, Value
+from rescompile.ir.ops import Keep, axis_map
 
 __all__ = [
     "param_name",
@@ -88,11 +89,73 @@ def multiply_operand(graph: Graph, site: ResidualSite, which: str, factor: Value
 
 
 def channel_axis(value: Value) -> int:
-    """The channel axis of a stream tensor: 1 for NCHW-like (rank 4/5), else the last."""
+    """The channel axis of a stream tensor: the output axis that the nearest op with per-channel
+    parameters (a conv or linear's output channels, a norm's gain) writes, found by walking back
+    through the op table's axis maps; where no such op is in reach, 1 for rank 4/5 (NCHW) and
+    else the last axis. Swin keeps [B, H, W, C] streams: rank alone would pick H."""
     rank = len(value.shape) if value.shape is not None else None
     if rank is None:
         raise RescompileError(f"{value.name!r} has unknown rank; cannot find its channel axis")
+    found = _parameter_axis(value, rank)
+    if found is not None:
+        return found
     return 1 if rank in (4, 5) else rank - 1
+
+
+_CHANNEL_WALK_LIMIT = 64
+
+
+def _parameter_axis(value: Value, rank: int) -> int | None:
+    """Breadth-first back through ops that keep every axis in place (elementwise, casts, adds of
+    the stream and its branch), to the first op whose parameters own one of `value`'s axes."""
+    frontier, seen = [value], {value}
+    for node in value.consumers():  # an add of `value` and another tensor aligns their axes too
+        for operand in _aligned_operands(node, 0, rank):
+            if operand not in seen:
+                seen.add(operand)
+                frontier.append(operand)
+    for _ in range(_CHANNEL_WALK_LIMIT):
+        if not frontier:
+            return None
+        current = frontier.pop(0)
+        node = current.producer
+        if node is None:
+            continue
+        amap = axis_map(node)
+        if amap is None or current.index >= len(amap.outputs):
+            continue
+        sources = amap.outputs[current.index]
+        slots = node.param_slots if current.index == 0 else None
+        owner = None if slots is None else (slots.weight if slots.weight is not None else slots.gain)
+        if owner is not None:
+            for out_axis, axis_sources in enumerate(sources):
+                if any(isinstance(s, Keep) and s.input == owner for s in axis_sources):
+                    return out_axis
+            continue
+        for operand in _aligned_operands(node, current.index, rank):
+            if operand not in seen:
+                seen.add(operand)
+                frontier.append(operand)
+    return None
+
+
+def _aligned_operands(node: Node, output: int, rank: int) -> list[Value]:
+    """Inputs of `node` whose every axis is the same axis of output `output` (elementwise ops,
+    casts, identities): their channel axis is the output's."""
+    amap = axis_map(node)
+    if amap is None or output >= len(amap.outputs):
+        return []
+    sources = amap.outputs[output]
+    aligned = []
+    for index, operand in enumerate(node.inputs):
+        if operand is None or operand.shape is None or len(operand.shape) != rank or len(sources) != rank:
+            continue
+        mapped = [
+            next((s.axis for s in src if isinstance(s, Keep) and s.input == index), None) for src in sources
+        ]
+        if mapped == list(range(rank)):
+            aligned.append(operand)
+    return aligned
 
 
 def channel_count(value: Value) -> int:

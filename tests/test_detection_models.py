@@ -123,12 +123,9 @@ def test_swin_layerscale_on_every_site_torch():
     assert _close(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="passes/_branch.py channel_axis takes axis 1 for every rank-4 "
-    "tensor; Swin's stream is [B, H, W, C] (channels last), so gamma gets H entries",
-)
 def test_swin_layerscale_gamma_is_per_channel():
+    """Swin's stream is [B, H, W, C]: the gamma must have C entries, found through the op table
+    (the last linear's output channels), not H from a rank-4 guess."""
     case = _case("tv_swin")
     module = rescompile.apply(case.module, ["layerscale"], case.args, dynamic=False)
     shapes = {tuple(p.shape) for n, p in module.named_parameters() if n.startswith("rescompile.layerscale.")}
