@@ -149,6 +149,13 @@ def inspect(
             f"{stream.input.name} -> {stream.output.name}"
         )
     console.print(summary(report))
+    opaque = report.analysis.opaque
+    if opaque:
+        names = ", ".join(f"{n.name} ({n.op_type})" for n in opaque[:5]) + (" ..." if len(opaque) > 5 else "")
+        console.print(
+            f"{len(opaque)} ops without an entry in the op table stopped the search (opaque, "
+            f"not guessed through): {names}"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

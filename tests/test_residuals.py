@@ -224,3 +224,13 @@ def test_symbolic_dims_in_different_forms_are_one_size(branch_shape, found):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert len(find_residuals(load_onnx(model)).sites) == found
+
+
+def test_inspect_says_which_opaque_ops_stopped_it(tmp_path, capsys):
+    from rescompile.cli import main
+
+    path = tmp_path / "foo.onnx"
+    path.write_bytes(_chain_model("Foo").SerializeToString())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 ops without an entry in the op table stopped the search" in out and "(Foo)" in out
