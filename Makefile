@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n 2 -q -p no:logging
+	$(PY) -m pytest -n 2 -q -p no:logging --durations=10
 
 # The numerical tests again with every tolerance divided by 4, printing each test's worst
 # diff/tolerance ratio: shows how close each case is to flaking on this CPU.

@@ -227,7 +227,8 @@ def diff(name: str, want, got, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT
         return OutputDiff(name, tuple(want.shape), 0.0, 0.0, True)
     w64, g64 = want.astype(np.float64), got.astype(np.float64)
     same = (np.isnan(w64) & np.isnan(g64)) | (w64 == g64)  # NaN vs NaN, inf vs the same inf
-    err = np.where(same, 0.0, np.abs(w64 - g64))
+    with np.errstate(invalid="ignore"):  # inf - inf: `same` or a NaN error below
+        err = np.where(same, 0.0, np.abs(w64 - g64))
     err = np.where(np.isnan(err), np.inf, err)
     finite = np.abs(w64[np.isfinite(w64)])
     top = float(finite.max()) if finite.size else 0.0
