@@ -13,6 +13,7 @@ from rescompile.analysis.residuals import ResidualSite
 from rescompile.errors import RescompileError
 from rescompile.ir import Graph, Node, Value
 from rescompile.ir.ops import Keep, axis_map
+from rescompile.ir.shapes import infer_node
 
 __all__ = [
     "param_name",
@@ -54,21 +55,26 @@ def insert_op(
     after: Node | None | object = _FRONT,
     like: Value | None = None,
     attrs: dict | None = None,
-    shape: tuple | None = None,
 ) -> Value:
-    """Insert a core op before `before` or after `after` (None: at the front); the output
-    takes `like`'s dtype and shape, or `shape` with the dtype of the first input."""
+    """Insert a core op before `before` or after `after` (None: at the front). The output's
+    shape and dtype come from the op table's inference; `like` (a value of the same shape and
+    dtype) is used only where inference cannot tell, e.g. an input of unknown shape."""
     node = Node(
         op_type, inputs, attrs=attrs, name=f"{pass_name}/{name}", output_names=[f"{pass_name}/{name}"]
     )
     node.meta["pass"] = pass_name
-    if like is not None:
-        node.output.dtype, node.output.shape = like.dtype, like.shape
     if before is not None:
         graph.insert_before(before, node)
     else:
         graph.insert_after(None if after is _FRONT else after, node)
-    return node.output
+    infer_node(node)
+    out = node.output
+    if like is not None:
+        if out.shape is None:
+            out.shape = like.shape
+        if out.dtype is None:
+            out.dtype = like.dtype
+    return out
 
 
 def multiply_operand(graph: Graph, site: ResidualSite, which: str, factor: Value, pass_name: str) -> Node:

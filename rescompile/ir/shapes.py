@@ -79,25 +79,36 @@ def infer_shapes(graph, *, only: Iterable | None = None) -> ShapeReport:
     context = _Context()
     report = ShapeReport()
     for node in graph:
-        if selected is not None and node not in selected:
-            continue
-        report.total += len(node.outputs)
-        result = _infer(node, context)
-        if isinstance(result, str):
-            report.unknown.append(f"{node.name} ({node.op_type}): {result}")
-            continue
-        for value, (shape, dtype) in zip(node.outputs, result):
-            if shape is not None:
-                report.inferred += 1
-            merged, clash = _merge(value.shape, shape)
-            if clash:
-                report.conflicts.append(Conflict(value.name, node.name, "shape", value.shape, shape))
-            value.shape = merged
-            if dtype is not None and value.dtype is not None and dtype != value.dtype:
-                report.conflicts.append(Conflict(value.name, node.name, "dtype", value.dtype, dtype))
-            elif dtype is not None:
-                value.dtype = dtype
+        if selected is None or node in selected:
+            _infer_into(node, context, report)
     return report
+
+
+def infer_node(node) -> ShapeReport:
+    """Infer one node's output shapes and dtypes from its inputs as they are now: what a pass
+    calls on each node it builds, in O(1) (infer_shapes walks the graph)."""
+    report = ShapeReport()
+    _infer_into(node, _Context(), report)
+    return report
+
+
+def _infer_into(node, context: _Context, report: ShapeReport) -> None:
+    report.total += len(node.outputs)
+    result = _infer(node, context)
+    if isinstance(result, str):
+        report.unknown.append(f"{node.name} ({node.op_type}): {result}")
+        return
+    for value, (shape, dtype) in zip(node.outputs, result):
+        if shape is not None:
+            report.inferred += 1
+        merged, clash = _merge(value.shape, shape)
+        if clash:
+            report.conflicts.append(Conflict(value.name, node.name, "shape", value.shape, shape))
+        value.shape = merged
+        if dtype is not None and value.dtype is not None and dtype != value.dtype:
+            report.conflicts.append(Conflict(value.name, node.name, "dtype", value.dtype, dtype))
+        elif dtype is not None:
+            value.dtype = dtype
 
 
 def _merge(existing: Shape, inferred: Shape) -> tuple[Shape, bool]:
