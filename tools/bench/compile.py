@@ -41,7 +41,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from rescompile.api import build_passes, load
 from rescompile.analysis.residuals import find_residuals
-from rescompile.cli import _check_onnx
+from rescompile.pipeline import check_onnx
 from rescompile.frontends.onnx import save_onnx
 from rescompile.infra import PassManager
 t1 = time.perf_counter()
@@ -57,7 +57,7 @@ model = export_model(graph)
 t5 = time.perf_counter()
 save_onnx(graph, sys.argv[2])
 t6 = time.perf_counter()
-_check_onnx(sys.argv[2])
+check_onnx(sys.argv[2])
 t7 = time.perf_counter()
 print(json.dumps({"import rescompile": t1 - t0, "load (onnx-ir -> IR)": t2 - t1, "analysis": t3 - t2,
                   "pass rezero (incl. its analysis)": t4 - t3, "IR edits -> onnx-ir model": t5 - t4,
