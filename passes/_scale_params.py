@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from rescompile.ir import Graph, Node, OpKind, Value
+from rescompile.ir.ops import Keep, axis_map
 
 from ._branch import channel_axis, numpy_of
 
@@ -55,13 +56,14 @@ def _is_reshape(node: Node) -> bool:
 
 def _keeps_last_axis(node: Node) -> bool:
     """A transpose/permute that leaves the last (channel) axis in place commutes with a
-    per-channel factor. ONNX says so in `perm`; the torch frontend records it as meta."""
-    if "keeps_last_axis" in node.meta:
-        return bool(node.meta["keeps_last_axis"])
-    if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
-        perm = getattr(node.attrs.get("perm"), "value", node.attrs.get("perm"))
-        return perm is not None and list(perm)[-1] == len(perm) - 1
-    return False
+    per-channel factor: the op table's axis map says whether output 0's last axis is its data
+    input's last axis, in ONNX (`perm`) and torch (transpose, permute, t) alike."""
+    amap = axis_map(node)
+    data = node.inputs[0] if node.inputs else None
+    if amap is None or not amap.outputs or not amap.outputs[0] or data is None or not data.shape:
+        return False
+    last = len(data.shape) - 1
+    return any(isinstance(s, Keep) and s.input == 0 and s.axis == last for s in amap.outputs[0][-1])
 
 
 def _only_user(value: Value, node: Node, what: str) -> None:

@@ -9,19 +9,7 @@ from typing import Any
 from rescompile.ir import OpKind, ParamSlots
 from rescompile.ir.ops import param_slots, torch_call, torch_entry
 
-__all__ = ["base_name", "kind_of_torch_target", "torch_param_slots"]
-
-
-def base_name(target: Any) -> str:
-    """'linear' for aten.linear.default, torch.nn.functional.linear and 'linear' methods."""
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    if isinstance(target, str):
-        return target
-    if isinstance(target, type):
-        return target.__name__
-    return getattr(target, "__name__", type(target).__name__)
+__all__ = ["kind_of_torch_target", "torch_param_slots"]
 
 
 def kind_of_torch_target(target: Any) -> OpKind:

@@ -417,25 +417,6 @@ def _node_kind(n: fx.Node, gm: fx.GraphModule, kinds: dict[fx.Node, OpKind]) -> 
     return kind_of_torch_target(n.target)
 
 
-def _keeps_last_axis(n: fx.Node) -> bool | None:
-    """For transpose/permute calls: whether the last axis stays last (None: not one)."""
-    from rescompile.frontends._torch_kinds import base_name
-
-    name = base_name(n.target)
-    val = n.meta.get("val")
-    rank = val.dim() if isinstance(val, torch.Tensor) else None
-    if rank is None or name not in ("transpose", "permute", "t"):
-        return None
-    if name == "t":
-        return rank < 2
-    if name == "transpose" and len(n.args) >= 3:
-        dims = {int(d) % rank for d in n.args[1:3] if isinstance(d, int)}
-        return len(dims) == 2 and rank - 1 not in dims
-    if name == "permute" and len(n.args) >= 2 and isinstance(n.args[1], (list, tuple)):
-        return int(n.args[1][-1]) % rank == rank - 1
-    return None
-
-
 def _tuple_picks(n: fx.Node) -> dict[fx.Node, int] | None:
     """{getitem user: output index} when `n` returns a flat tuple or list read only through
     constant-index getitems (native_layer_norm, split, max_pool2d_with_indices, var_mean...):
@@ -591,9 +572,6 @@ def import_graph_module(
                 num_outputs=len(names),
                 output_names=names,
             )
-            keeps = _keeps_last_axis(n)
-            if keeps is not None:
-                node.meta["keeps_last_axis"] = keeps
             for out, val in zip(node.outputs, vals):
                 out.dtype, out.shape = _val_info(val)
             if "nn_module_stack" in n.meta:
