@@ -173,6 +173,9 @@ class PassBase:
     summary: ClassVar[str]
     Options: ClassVar[type] = dataclasses.make_dataclass("Options", [])
     in_place: ClassVar[bool] = True
+    calibration: Any = None
+    """Inputs for passes that measure the model (a list of batches, a file, or None for
+    random inputs); the PassManager sets it from the pipeline's `calibration`."""
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -198,6 +201,19 @@ class PassBase:
 
     def call(self, graph: Graph) -> PassResult:
         raise NotImplementedError
+
+    def probe(self, graph: Graph):
+        """`probe(values, bypass=None)`: per calibration batch, the arrays of `values` computed by
+        running `graph` (ONNX Runtime or torch, as the graph came in); see
+        `rescompile.frontends.probe`. The batches are drawn once per call of this method."""
+        from rescompile.frontends.probe import calibration_batches, probe
+
+        batches = calibration_batches(graph, self.calibration)
+
+        def run(values, bypass=None):
+            return probe(graph, batches, values, bypass=bypass)
+
+        return run
 
     def residuals(self, graph: Graph) -> ResidualAnalysis:
         """The analysis a pass works on, with its `sites` / `streams` option checked against it.
@@ -240,9 +256,10 @@ class PassManager:
     naming the pass, the passes that ran before it, the site where known and the reason.
     """
 
-    def __init__(self, passes: Sequence[PassBase], *, check: bool = True) -> None:
+    def __init__(self, passes: Sequence[PassBase], *, check: bool = True, calibration: Any = None) -> None:
         self.passes = list(passes)
         self.check = check
+        self.calibration = calibration
         self.timings: dict[str, float] = {}
 
     @property
@@ -254,6 +271,8 @@ class PassManager:
         done: list[str] = []
         for i, pass_ in enumerate(self.passes):
             start = time.perf_counter()
+            if self.calibration is not None:
+                pass_.calibration = self.calibration
             try:
                 with transaction(graph):
                     before = set(graph)
