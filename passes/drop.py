@@ -1,0 +1,160 @@
+"""drop: depth pruning. Remove whole residual branches or blocks, chosen by measured importance.
+
+A residual site makes it one rewrite: `out = skip + branch` becomes `out = skip`, and a block
+(the branches of one layer) is removed whole: its exit is replaced by its entry. What only the
+removed nodes used goes too (weights included), so the file and the module shrink. Removing
+about a quarter of a transformer's layers keeps most of its quality (ShortGPT, Men et al. 2024,
+arXiv 2403.03853; Gromov et al. 2024, arXiv 2403.17887; SLEB, Song et al. 2024, arXiv
+2402.09025), and latency falls with the layers removed on any runtime.
+
+Units are chosen by a metric on calibration inputs (`rescompile.analysis.importance`): `bi`,
+`angular` (a contiguous run), `greedy` (re-measured after each pick) or `norm`; or named with
+`sites=`, bypassing the metric. Not function-preserving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from rescompile.analysis.importance import (
+    METRICS,
+    DepthUnit,
+    UnitScore,
+    best_run,
+    depth_units,
+    greedy_order,
+    score_units,
+)
+from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, sites_option
+from rescompile.ir import Graph
+from rescompile.ir.regions import Region, remove, remove_branch
+
+from ._branch import channel_axis
+
+__all__ = ["DropPass", "unit_scores"]
+
+logger = logging.getLogger("rescompile")
+
+
+class DropPass(PassBase):
+    """Remove `n` (or a `ratio` of the) residual units with the lowest importance.
+
+    unit=block removes whole layers (for HF models the result is still that model class with
+    fewer layers); unit=branch removes single attention or MLP branches. A projection site
+    keeps its shortcut. Refuses to remove every unit.
+    """
+
+    name = "drop"
+    summary = "depth pruning: remove whole residual blocks or branches by measured importance"
+
+    @dataclasses.dataclass
+    class Options:
+        n: int = dataclasses.field(default=0, metadata={"help": "how many units to remove (default 1)"})
+        ratio: float = dataclasses.field(
+            default=0.0, metadata={"help": "fraction of the units to remove, in (0, 1) (instead of n)"}
+        )
+        unit: str = dataclasses.field(
+            default="block",
+            metadata={"choices": ("block", "branch"), "help": "block (a whole layer) or branch"},
+        )
+        metric: str = dataclasses.field(
+            default="bi",
+            metadata={
+                "choices": METRICS,
+                "help": "bi (1 - cos in/out), angular (contiguous run), greedy (output change), "
+                "norm (update size)",
+            },
+        )
+        sites: str = sites_option()
+
+    def check_options(self) -> None:
+        o = self.options
+        if o.n < 0:
+            raise PassError(f"drop: n must be >= 1, not {o.n}")
+        if o.ratio and not 0.0 < o.ratio < 1.0:
+            raise PassError(f"drop: ratio must be in (0, 1), not {o.ratio:g}")
+        if o.n and o.ratio:
+            raise PassError("drop: give n or ratio, not both")
+
+    @property
+    def preserves_function(self) -> bool:
+        return False
+
+    @property
+    def keeps_model_class(self) -> bool:
+        """Removing whole layers leaves a model its own class describes (with fewer layers)."""
+        return self.options.unit == "block"
+
+    def call(self, graph: Graph) -> PassResult:
+        analysis = self.residuals(graph)
+        units = depth_units(analysis, self.options.unit)
+        if not units:
+            return PassResult(graph, modified=False, stats={"removed": 0})
+        chosen, scores = self.choose(graph, units)
+        for unit in sorted(chosen, key=lambda u: graph.node_order()[u.sites[-1].add], reverse=True):
+            _remove(unit)
+        stats = {
+            "units": len(units),
+            "removed": len(chosen),
+            "removed_units": [u.name for u in chosen],
+            "removed_positions": [[u.stream, u.index] for u in chosen],
+            "params_removed": sum(u.params for u in chosen),
+        }
+        if scores is not None:
+            stats["scores"] = {s.unit.name: round(s.score, 6) for s in scores}
+        return PassResult(graph, modified=True, stats=stats)
+
+    def count(self, total: int) -> int:
+        o = self.options
+        count = o.n or (round(o.ratio * total) if o.ratio else 1)
+        if o.ratio and count == 0:
+            raise PassError(f"drop: ratio={o.ratio:g} of {total} units removes none; raise it or use n=1")
+        if count >= total:
+            raise PassError(
+                f"drop: removing {count} of the model's {total} {self.options.unit} units would "
+                f"remove every one; n must be below {total}"
+            )
+        return count
+
+    def choose(self, graph: Graph, units: list[DepthUnit]) -> tuple[list[DepthUnit], list[UnitScore] | None]:
+        """The units to remove, and the scores behind the choice (None for `sites=`)."""
+        o = self.options
+        if o.sites != "all":
+            selector = SiteSelector(o.sites)
+            chosen = [u for u in units if any(selector(s) for s in u.sites)]
+            if o.n or o.ratio:
+                raise PassError("drop: sites= names the units to remove; leave out n and ratio")
+            if len(chosen) >= len(units):
+                raise PassError(f"drop: sites={o.sites} selects all {len(units)} units; keep at least one")
+            return chosen, None
+        count = self.count(len(units))
+        probe = self.probe(graph)
+        if o.metric == "greedy":
+            picks = greedy_order(units, count, probe, list(graph.outputs))
+            return [p.unit for p in picks], picks
+        scores = unit_scores(units, o.metric, probe, graph=graph, run=count)
+        if o.metric == "angular":
+            try:
+                return best_run(scores, count), scores
+            except ValueError:
+                raise PassError(
+                    f"drop: angular removes a run of {count} consecutive units of one stream; "
+                    f"no stream has {count} units"
+                ) from None
+        ranked = sorted(scores, key=lambda s: s.score)
+        return [s.unit for s in ranked[:count]], scores
+
+
+def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> list[UnitScore]:
+    """Every unit's score under `metric` (what `inspect --importance` prints)."""
+    return score_units(units, metric, probe, channel_axis=channel_axis, run=run, outputs=list(graph.outputs))
+
+
+def _remove(unit: DepthUnit) -> None:
+    if unit.per_branch:
+        for site in reversed(unit.sites):
+            remove_branch(site)
+        return
+    region = Region.of_block(unit.sites, exit=unit.exit)
+    remove(region, replace={unit.exit: unit.entry})

@@ -1,0 +1,320 @@
+"""Depth units and how much each one matters, measured on calibration inputs.
+
+A *unit* is what depth pruning removes: one residual branch (`out = skip + branch` becomes
+`out = skip`), or a block, the consecutive branches of one layer (attention + MLP of a
+transformer layer) whose whole update is removed: the block's exit is replaced by its entry.
+Sites belong to one block when their weights sit under the same numbered module
+(`h.3.attn`, `h.3.mlp` -> `h.3`); where parameters carry no such names, a site is its own block.
+
+Scores are computed from values the graph computes, read through a `probe` callable
+(`rescompile.frontends.probe.probe` bound to calibration batches), so analysis does not run
+models itself. Lower scores mean "removing it changes less" for every metric:
+- `bi`: block influence, 1 - cos(entry, exit) per token (ShortGPT, Men et al. 2024);
+- `angular`: arccos(cos(entry of unit l, exit of unit l+n-1)) / pi per token, for runs of n
+  consecutive units of one stream (Gromov et al. 2024);
+- `norm`: ||exit - entry|| / ||entry|| per token: the unit's update relative to the stream;
+- `greedy`: relative L2 change of the model's outputs with the unit switched off (SLEB's
+  procedure, Song et al. 2024, with an output-change criterion), re-measured after each pick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite
+from rescompile.ir import OpKind, Value
+from rescompile.ir.ops import Contract, axis_map
+
+__all__ = [
+    "METRICS",
+    "DepthUnit",
+    "UnitScore",
+    "depth_units",
+    "score_units",
+    "best_run",
+    "greedy_order",
+    "combined_bypass",
+]
+
+METRICS = ("bi", "angular", "greedy", "norm")
+
+Probe = Callable[..., Iterator[list[np.ndarray]]]
+"""probe(values, bypass=None) -> per batch, the arrays of `values`."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DepthUnit:
+    """One removable unit: its sites (consecutive, one stream), the stream value it reads
+    (`entry`) and the value the stream continues with after it (`exit`).
+
+    `bypass` is what switching the unit off means: readers of each key read its value.
+    """
+
+    name: str
+    sites: tuple[ResidualSite, ...]
+    entry: Value
+    exit: Value
+    stream: int
+    index: int  # position among the stream's units
+    kind: str = "block"  # "branch" or "block"
+
+    @property
+    def per_branch(self) -> bool:
+        """Branch units, and blocks with a projection site (which keeps its shortcut,
+        `out = proj(x)`), are removed one branch at a time: each `out = skip + branch`
+        becomes `out = skip`. Other blocks are removed whole: the exit becomes the entry."""
+        return self.kind == "branch" or any(s.kind == "projection" for s in self.sites)
+
+    @property
+    def baseline(self) -> Value:
+        """What the stream holds in place of `exit` once the unit is gone (for a projection
+        site, its shortcut `proj(x)`); metrics compare it with `exit`."""
+        return self.sites[-1].skip if self.per_branch else self.entry
+
+    @property
+    def bypass(self) -> dict[Value, Value]:
+        """Switching the unit off: readers of each key read its value instead."""
+        if self.per_branch:
+            return {s.output: s.skip for s in self.sites}
+        return {self.exit: self.entry}
+
+    @property
+    def params(self) -> int:
+        return sum(s.branch_params for s in self.sites)
+
+    def to_json(self) -> dict:
+        return {
+            "unit": self.name,
+            "sites": [s.name for s in self.sites],
+            "stream": self.stream,
+            "index": self.index,
+            "params": self.params,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitScore:
+    unit: DepthUnit
+    score: float
+
+    def to_json(self) -> dict:
+        return {**self.unit.to_json(), "score": self.score}
+
+
+def _numbered_prefixes(name: str) -> set[str]:
+    """`h.0.attn.c_attn.weight` -> {"h.0"}; `features.1.0.mlp.0.weight` -> {"features.1",
+    "features.1.0", "features.1.0.mlp.0"}."""
+    parts = name.split(".")
+    return {".".join(parts[: i + 1]) for i, part in enumerate(parts[:-1]) if part.isdigit()}
+
+
+def _block_key(site: ResidualSite) -> str | None:
+    """The deepest numbered module holding all of the site's weights (`transformer.h.3`)."""
+    common: set[str] | None = None
+    for node in site.weighted:
+        for value in node.inputs:
+            if value is not None and value.producer is None and value.graph is not None:
+                if value.graph.initializers.get(value.name) is value:
+                    prefixes = _numbered_prefixes(value.name)
+                    common = prefixes if common is None else common & prefixes
+    return max(common, key=len) if common else None
+
+
+def _blocks(sites: list[ResidualSite]) -> list[list[ResidualSite]]:
+    """Consecutive sites of one layer. By weight names where every site has a numbered module
+    (`h.3`); else by structure: a layer starts at each branch that attends (multiplies two
+    activations, as q @ k^T does) and takes the branches after it that do not (the MLP)."""
+    keys = [_block_key(site) for site in sites]
+    groups: list[list[ResidualSite]] = []
+    if all(keys):
+        for site, key in zip(sites, keys):
+            if groups and _block_key(groups[-1][-1]) == key:
+                groups[-1].append(site)
+            else:
+                groups.append([site])
+        return groups
+    attends = [_attends(site) for site in sites]
+    for site, starts in zip(sites, attends):
+        if groups and not starts and any(attends) and _attends(groups[-1][0]):
+            groups[-1].append(site)
+        else:
+            groups.append([site])
+    return groups
+
+
+def _attends(site: ResidualSite) -> bool:
+    for node in site.nodes:
+        amap = axis_map(node)
+        for mix in amap.mixes if amap is not None else ():
+            if isinstance(mix, Contract) and all(_is_activation(node.inputs[i]) for i, _ in mix.operands):
+                return True
+    return False
+
+
+def _is_activation(value: Value | None) -> bool:
+    graph = value.graph if value is not None else None
+    return value is not None and graph is not None and graph.initializers.get(value.name) is not value
+
+
+def _after_post_norm(site: ResidualSite) -> Value:
+    """The normed value a post-norm site's stream continues with (out -> norm(out))."""
+    value = site.output
+    while len(value.consumers()) == 1 and not value.is_graph_output:
+        node = value.consumers()[0]
+        if node.kind not in (OpKind.NORM, OpKind.CAST, OpKind.IDENTITY) or len(node.outputs) != 1:
+            break
+        value = node.outputs[0]
+        if node.kind is OpKind.NORM:
+            break
+    return value
+
+
+def depth_units(analysis: ResidualAnalysis, unit: str = "block") -> list[DepthUnit]:
+    """The units of every stream, in stream then depth order.
+
+    With unit="block", the sites of one layer form a unit (see `_blocks`); its exit is the
+    next site's fork (so a post-norm layer's last norm belongs to it), or for a
+    stream's last site its output (after the norm that follows a post-norm site).
+    """
+    units: list[DepthUnit] = []
+    for stream in analysis.streams:
+        sites = list(stream.sites)
+        groups = [[site] for site in sites] if unit == "branch" else _blocks(sites)
+        for index, group in enumerate(groups):
+            last = group[-1]
+            position = sites.index(last)
+            if unit == "branch":
+                exit = last.output
+            elif position + 1 < len(sites):
+                exit = sites[position + 1].fork
+            else:
+                exit = _after_post_norm(last) if last.norm == "post" else last.output
+            key = _block_key(group[0]) if unit == "block" else None
+            name = key if key is not None and all(_block_key(s) == key for s in group) else last.name
+            units.append(DepthUnit(name, tuple(group), group[0].fork, exit, stream.index, index, unit))
+    return units
+
+
+def _channels_last(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis]).astype(np.float64)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.clip(num / np.maximum(den, 1e-30), -1.0, 1.0)
+
+
+def score_units(
+    units: Sequence[DepthUnit],
+    metric: str,
+    probe: Probe,
+    *,
+    channel_axis: Callable[[Value], int],
+    run: int = 1,
+    outputs: Sequence[Value] = (),
+) -> list[UnitScore]:
+    """Each unit's score (for `angular` with run > 1: the run starting at the unit; units
+    that start no full run of their stream score inf). `greedy` scores each unit alone,
+    against the model's `outputs`. Per-token metrics compare vectors along `channel_axis(v)`."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}")
+    if metric == "greedy":
+        return [UnitScore(u, c) for u, c in zip(units, _output_changes(units, [], probe, outputs))]
+    pairs: list[tuple[Value, Value]] = []
+    for i, unit in enumerate(units):
+        if metric == "angular":
+            end = i + run - 1
+            if end >= len(units) or units[end].stream != unit.stream:
+                pairs.append((None, None))
+                continue
+            pairs.append((unit.baseline, units[end].exit))
+        else:
+            pairs.append((unit.baseline, unit.exit))
+    values = list(dict.fromkeys(v for pair in pairs for v in pair if v is not None))
+    position = {v: k for k, v in enumerate(values)}
+    axes = [channel_axis(v) for v in values]
+    sums = np.zeros(len(pairs))
+    counts = np.zeros(len(pairs))
+    for arrays in probe(values):
+        flat = [_channels_last(a, ax) for a, ax in zip(arrays, axes)]
+        for i, (a, b) in enumerate(pairs):
+            if a is None:
+                continue
+            x, y = flat[position[a]], flat[position[b]]
+            if x.shape != y.shape:  # a run across a change of width or resolution
+                counts[i] = 0
+                sums[i] = np.inf
+                continue
+            if metric == "norm":
+                part = np.linalg.norm(y - x, axis=-1) / np.maximum(np.linalg.norm(x, axis=-1), 1e-30)
+            elif metric == "bi":
+                part = 1.0 - _cosine(x, y)
+            else:
+                part = np.arccos(_cosine(x, y)) / np.pi
+            sums[i] += part.sum()
+            counts[i] += part.size
+    scores = [float(s / c) if c and np.isfinite(s) else float("inf") for s, c in zip(sums, counts)]
+    return [UnitScore(u, s) for u, s in zip(units, scores)]
+
+
+def _resolve(bypass: Mapping[Value, Value]) -> dict[Value, Value]:
+    """Follow chains (a removed unit reading another removed unit's exit) to the kept value."""
+    out = {}
+    for old in bypass:
+        new = bypass[old]
+        while new in bypass:
+            new = bypass[new]
+        out[old] = new
+    return out
+
+
+def combined_bypass(units: Iterable[DepthUnit]) -> dict[Value, Value]:
+    merged: dict[Value, Value] = {}
+    for unit in units:
+        merged.update(unit.bypass)
+    return _resolve(merged)
+
+
+def _output_changes(
+    candidates: Sequence[DepthUnit], removed: Sequence[DepthUnit], probe: Probe, outputs: Sequence[Value]
+) -> list[float]:
+    """Relative L2 change of the outputs with `removed` plus each candidate switched off."""
+    reference = [np.concatenate([a.ravel() for a in arrays]) for arrays in probe(list(outputs))]
+    changes = []
+    for unit in candidates:
+        bypass = combined_bypass([*removed, unit])
+        num = den = 0.0
+        for ref, arrays in zip(reference, probe(list(outputs), bypass=bypass)):
+            got = np.concatenate([a.ravel() for a in arrays])
+            num += float(np.sum((got.astype(np.float64) - ref) ** 2))
+            den += float(np.sum(ref.astype(np.float64) ** 2))
+        changes.append(float(np.sqrt(num / max(den, 1e-30))))
+    return changes
+
+
+def greedy_order(
+    units: Sequence[DepthUnit], count: int, probe: Probe, outputs: Sequence[Value], *, progress=None
+) -> list[UnitScore]:
+    """Pick `count` units one at a time, each the one whose removal (with the earlier picks)
+    changes the outputs least; returns the picks with the change after each."""
+    removed: list[UnitScore] = []
+    left = list(units)
+    for _ in range(count):
+        changes = _output_changes(left, [s.unit for s in removed], probe, outputs)
+        best = int(np.argmin(changes))
+        removed.append(UnitScore(left.pop(best), changes[best]))
+        if progress is not None:
+            progress()
+    return removed
+
+
+def best_run(scores: Sequence[UnitScore], run: int) -> list[DepthUnit]:
+    """The `run` consecutive units (one stream) starting at the unit with the lowest score."""
+    start = min(range(len(scores)), key=lambda i: scores[i].score)
+    if not np.isfinite(scores[start].score):
+        raise ValueError(f"no stream has {run} consecutive units")
+    return [s.unit for s in scores[start : start + run]]
