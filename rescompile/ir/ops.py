@@ -391,6 +391,45 @@ class Call:
         index = self.input_index(name)
         return None if index is None else self.inputs[index].shape
 
+    def replace_ints(self, name: str, edit: Callable[[int, int], int]) -> dict | None:
+        """The node's attrs with integer argument `name` rewritten entry by entry, `edit(position,
+        old) -> new` (a scalar is position 0); entries that are not ints (symbolic sizes held as
+        inputs) stay. Covers torch arguments, lifted or in the template, and ONNX attributes; None
+        where the argument is absent or is an input (an ONNX tensor the caller replaces)."""
+        attrs = dict(self.attrs)
+        if not self.is_torch:
+            if name not in attrs:
+                return None
+            attrs[name] = _edit_ints(getattr(attrs[name], "value", attrs[name]), edit)
+            return attrs
+        args, kwargs = list(attrs.get("args") or ()), dict(attrs.get("kwargs") or {})
+        position = self._positions.get(name)
+        if name in kwargs:
+            holder, key = kwargs, name
+        elif (
+            position is not None
+            and position < len(args)
+            and (
+                not self.info.args[position].variadic
+                or isinstance(args[position], (list, tuple))
+                or _is_attribute_ref(args[position])
+            )
+        ):
+            holder, key = args, position  # one argument, or a variadic one given as one list
+        elif position is not None and position < len(args):
+            args[position:] = _edit_ints(tuple(args[position:]), edit)
+            attrs.update(args=tuple(args), kwargs=kwargs)
+            return attrs
+        else:
+            return None
+        raw = holder[key]
+        if _is_attribute_ref(raw):
+            attrs[raw.name] = _edit_ints(attrs.get(raw.name), edit)
+        else:
+            holder[key] = _edit_ints(raw, edit)
+        attrs.update(args=tuple(args), kwargs=kwargs)
+        return attrs
+
     def ints(self, name: str) -> list[int] | None:
         """An integer (list) argument given as a constant: Python values or a constant input."""
         value = self.arg(name)
@@ -404,6 +443,19 @@ class Call:
             return [int(v) for v in value] if all(isinstance(v, int) for v in value) else None
         array = _constant_array(value)
         return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
+def _is_int(obj: Any) -> bool:
+    return isinstance(obj, (int, np.integer)) and not isinstance(obj, bool)
+
+
+def _edit_ints(obj: Any, edit: Callable[[int, int], int]) -> Any:
+    """`obj` (an int or a list/tuple of ints and other entries) with each int entry edited."""
+    if _is_int(obj):
+        return edit(0, int(obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(edit(k, int(x)) if _is_int(x) else x for k, x in enumerate(obj))
+    return obj
 
 
 def _constant_array(value: Any) -> np.ndarray | None:
