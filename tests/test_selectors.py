@@ -144,8 +144,12 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(onnx_model, tmp_path, caps
     assert not out.exists()
 
 
-def test_cli_runs_a_pass_on_a_model_without_residuals(onnx_model, tmp_path, capsys):
+def test_cli_refuses_a_pass_on_a_model_without_residuals(onnx_model, tmp_path, capsys):
+    # Issue 15: on the command line a pass that rewrites residual sites finding none is an
+    # error (one line, exit 2, nothing written); the API keeps the no-op with a warning.
     out = tmp_path / "o.onnx"
-    assert main(["apply", str(onnx_model("plain_mlp", "legacy")), "-p", "rezero", "-o", str(out)]) == 0
-    assert "rezero: sites=0" in capsys.readouterr().out
-    assert out.exists()
+    assert main(["apply", str(onnx_model("plain_mlp", "legacy")), "-p", "rezero", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "rescompile: error: rezero: the model has no residual sites; nothing to rewrite\n"
+    assert not out.exists()
+    assert main(["apply", str(onnx_model("plain_mlp", "legacy")), "-p", "identity", "-o", str(out)]) == 0

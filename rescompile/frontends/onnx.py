@@ -16,9 +16,8 @@ a second one.
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from rescompile.errors import RescompileError
 from rescompile.frontends._onnx_common import OnnxSource, dtype_name, shape_tuple
 from rescompile.frontends._onnx_export import export_model
 from rescompile.frontends._onnx_write import write_model
+from rescompile.frontends._staging import staging_dir
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
 
 __all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx", "MIN_OPSET", "MAX_OPSET"]
@@ -67,6 +67,12 @@ def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None, bool]:
         try:
             model = ir.load(path)
         except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ...
+            if isinstance(exc, ir.serde.SerdeError):  # it parsed, but the graph is invalid
+                cause = _root_cause(exc)
+                raise RescompileError(
+                    f"{path}: not a readable ONNX model, its graph is invalid "
+                    f"({type(cause).__name__}: {_first_line(cause)})"
+                ) from exc
             raise RescompileError(
                 f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]}); "
                 "is the file truncated or of another format?"
@@ -75,6 +81,7 @@ def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None, bool]:
             raise RescompileError(
                 f"{path}: not a readable ONNX model (it parses to an empty model); is it of another format?"
             )
+        _check_external_data(model, path)
         return model, str(path), True
     if type(source).__name__ == "ModelProto":
         try:
@@ -84,6 +91,56 @@ def _read(source: str | os.PathLike | Any) -> tuple[ir.Model, str | None, bool]:
     raise RescompileError(f"cannot import {type(source).__name__}: expected a path or an ONNX model")
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Refuse external data that is outside the model's folder, missing or too short, at load.
+
+    Only names and sizes are looked at (no file outside the folder is ever opened), so a
+    broken model fails here, before any output exists, rather than when its weights are
+    first read (onnx-ir checks containment only then, and a short file ends in a numpy error).
+    """
+    folder = os.path.realpath(path.parent)
+    sizes: dict[str, int] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = tensor.location
+        # NOTE: decided on the names alone, before any file-system access: "../x" and "/x"
+        # are refused even where the file exists, and a symlink must resolve inside the folder.
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or os.path.commonpath([folder, target]) != folder:
+            linked = not os.path.isabs(location) and ".." not in Path(location).parts
+            raise RescompileError(
+                f"{path}: initializer {name!r} points at external data {location!r}, "
+                f"{'a symlink ' if linked else ''}outside the model's folder; refused "
+                "(external data must be a file inside that folder)"
+            )
+        if target not in sizes:
+            if not os.path.isfile(target):
+                raise RescompileError(
+                    f"{path}: the external data file {location!r} of initializer {name!r} does not "
+                    "exist; copy it with the model"
+                )
+            sizes[target] = os.path.getsize(target)
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if sizes[target] < end:
+            raise RescompileError(
+                f"{path}: the external data file {location!r} has {sizes[target]} bytes, but "
+                f"initializer {name!r} needs bytes up to {end}; is the file truncated?"
+            )
+
+
 def load_onnx(source: str | os.PathLike | Any) -> Graph:
     """Import an ONNX model (path, onnx.ModelProto or onnx_ir.Model) into the IR.
 
@@ -91,9 +148,17 @@ def load_onnx(source: str | os.PathLike | Any) -> Graph:
         RescompileError: missing or unreadable file, unsupported opset, or a
             feature the IR does not model (control-flow subgraphs).
     """
-    with paused_gc():
-        model, path, owned = _read(source)
-        return import_model(model, path=path, owned=owned)
+    # onnx-ir logs a warning for each node input it cannot resolve (while loading, and again
+    # in shape inference); import_model reports the first one as the error, in one line.
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        with paused_gc():
+            model, path, owned = _read(source)
+            return import_model(model, path=path, owned=owned)
+    finally:
+        serde_log.setLevel(level)
 
 
 def import_model(model: ir.Model, *, path: str | None = None, owned: bool = False) -> Graph:
@@ -146,7 +211,7 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
                 inputs.append(None)
                 continue
             if v not in vmap:
-                raise RescompileError(f"node {n.name!r} reads {v.name!r}, which is defined nowhere")
+                raise RescompileError(_undefined_input(src_graph, n, v))
             inputs.append(vmap[v])
         out_names = [o.name or f"{n.name or n.op_type}_absent{i}" for i, o in enumerate(n.outputs)]
         node = Node(
@@ -190,6 +255,33 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
         model=model if owned else None,
     )
     return graph
+
+
+def _undefined_input(graph: ir.Graph, node: ir.Node, value: ir.Value) -> str:
+    """Why `node` reads `value` before it exists: a cycle, nodes out of order, or no producer."""
+    producer = value.producer()
+    if producer is None or producer.graph is not graph:
+        return f"node {node.name!r} reads {value.name!r}, which is defined nowhere"
+    # Kahn's algorithm: the nodes left over lie on a cycle or downstream of one.
+    waiting = {n: len(set(n.predecessors())) for n in graph}
+    ready = [n for n, count in waiting.items() if count == 0]
+    while ready:
+        done = ready.pop()
+        del waiting[done]
+        for succ in set(done.successors()):
+            waiting[succ] -= 1
+            if waiting[succ] == 0:
+                ready.append(succ)
+    if waiting:
+        names = ", ".join(repr(n.name) for n in list(waiting)[:4]) + (" ..." if len(waiting) > 4 else "")
+        return (
+            f"the graph has a cycle: node {node.name!r} reads {value.name!r}, "
+            f"computed downstream of it ({names})"
+        )
+    return (
+        f"node {node.name!r} reads {value.name!r} before node {producer.name!r} computes it: "
+        "the nodes are not in topological order (ONNX requires it)"
+    )
 
 
 def _infer_missing_shapes(model: ir.Model) -> None:
@@ -239,11 +331,9 @@ def save_onnx(
         external_data = had_external or _weight_bytes(graph) > _EXTERNAL_DATA_THRESHOLD
     with paused_gc():
         model = export_model(graph)
-    parent = path.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data" if external_data else None
-    tmpdir = Path(tempfile.mkdtemp(prefix=".rescompile-", dir=parent))
-    try:
+    with staging_dir(path) as tmpdir:
+        parent = tmpdir.parent
         with paused_gc():
             write_model(model, tmpdir / path.name, external_data=data_name)
         if check is not None:
@@ -255,5 +345,3 @@ def save_onnx(
         os.replace(tmpdir / path.name, parent / path.name)
         written.append(parent / path.name)
         return written
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -819,34 +819,30 @@ def save_program(graph: Graph, path) -> None:
     """Write the rewritten torch graph as `.pt2` (torch.export.save) or `.onnx`
     (torch.onnx.export, dynamo), atomically."""
     import os
-    import shutil
-    import tempfile
     from pathlib import Path
+
+    from rescompile.frontends._staging import staging_dir
 
     path = Path(path)
     args, kwargs = example_inputs_of(graph)
     module = export_module(graph).eval()
-    parent = path.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".rescompile-", dir=parent))
-    try:
-        target = tmpdir / path.name
-        with _quiet(), torch.no_grad():
-            if path.suffix == ".pt2":
-                ep = torch.export.export(module, args, kwargs, strict=False)
-                torch.export.save(ep, str(target))
-            elif path.suffix == ".onnx":
-                torch.onnx.export(module, args, str(target), kwargs=kwargs, dynamo=True, verbose=False)
-            else:
-                raise RescompileError(f"-o {path}: write .pt2 or .onnx")
-        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):  # model file last
-            os.replace(f, parent / f.name)
-    except RescompileError:
-        raise
-    except Exception as exc:
-        raise RescompileError(f"cannot write {path}: {_first_line(exc)}") from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with staging_dir(path) as tmpdir:
+        try:
+            target = tmpdir / path.name
+            with _quiet(), torch.no_grad():
+                if path.suffix == ".pt2":
+                    ep = torch.export.export(module, args, kwargs, strict=False)
+                    torch.export.save(ep, str(target))
+                elif path.suffix == ".onnx":
+                    torch.onnx.export(module, args, str(target), kwargs=kwargs, dynamo=True, verbose=False)
+                else:
+                    raise RescompileError(f"-o {path}: write .pt2 or .onnx")
+            for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):  # model file last
+                os.replace(f, tmpdir.parent / f.name)
+        except (RescompileError, OSError):
+            raise
+        except Exception as exc:
+            raise RescompileError(f"cannot write {path}: {_first_line(exc)}") from exc
 
 
 def compare_modules(
