@@ -7,6 +7,7 @@ from .decay import DecayPass
 from .deepnorm import DeepNormPass
 from .dense import DenseFormerPass
 from .depthscale import DepthScalePass
+from .drop import DropPass
 from .fold import FoldPass
 from .frac import FracConnectionsPass
 from .gate import GatePass
@@ -14,6 +15,8 @@ from .hyper import HyperConnectionsPass
 from .identity import IdentityPass
 from .laurel import LaurelPass
 from .layerscale import LayerScalePass
+from .parallel import ParallelPass
+from .prune import PrunePass
 from .rezero import RezeroPass
 
 __all__ = [
@@ -31,6 +34,9 @@ __all__ = [
     "DeepNormPass",
     "DepthScalePass",
     "FoldPass",
+    "DropPass",
+    "ParallelPass",
+    "PrunePass",
 ]
 
 PASSES = {
@@ -48,6 +54,9 @@ PASSES = {
         DeepNormPass,
         DepthScalePass,
         FoldPass,
+        DropPass,
+        ParallelPass,
+        PrunePass,
     )
 }
 

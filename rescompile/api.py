@@ -40,6 +40,9 @@ class InspectReport:
     analysis: ResidualAnalysis
     nodes: int
     params: int
+    importance: tuple | None = None  # UnitScore per depth unit, with `inspect(importance=...)`
+    metric: str | None = None
+    groups: Any = None  # GroupAnalysis (channel groups for pruning), with `inspect(groups=True)`
 
     @property
     def residuals(self) -> tuple[ResidualSite, ...]:
@@ -50,7 +53,12 @@ class InspectReport:
         return self.analysis.streams
 
     def to_json(self) -> dict:
-        return {**self.analysis.to_json(), "nodes": self.nodes, "params": self.params}
+        data = {**self.analysis.to_json(), "nodes": self.nodes, "params": self.params}
+        if self.groups is not None:
+            data.update(self.groups.to_json())
+        if self.importance is not None:
+            data["importance"] = {"metric": self.metric, "units": [s.to_json() for s in self.importance]}
+        return data
 
 
 def _numel(payload: Any) -> int:
@@ -64,19 +72,56 @@ def _param_count(graph: Graph) -> int:
     return sum(_numel(v.payload) for v in graph.initializers.values() if v.role == PARAM)
 
 
-def inspect(model: Any, example_inputs: Any = None, **kw: Any) -> InspectReport:
+def inspect(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    importance: str | None = None,
+    unit: str = "block",
+    calibration: Any = None,
+    groups: bool = False,
+    **kw: Any,
+) -> InspectReport:
     """Find the residual connections of `model`.
 
     Args:
         model: see `load`.
         example_inputs: needed for nn.Modules (tensor, tuple or dict of inputs).
+        importance: also score every depth unit with this `drop` metric (bi, angular,
+            greedy, norm; lower = removing it changes less) on `calibration` inputs.
+        unit: "block" (a layer) or "branch", for `importance`.
+        calibration: see `rescompile.pipeline.compile_model`; random inputs by default.
+        groups: also list the channel groups `prune` works on (kind, size, unit, members,
+            whether each is prunable and why not).
         **kw: `example_kwargs`, `trust_pickle`, `dynamic` (see `load`).
 
     Returns:
-        An `InspectReport` with `.residuals`, `.streams` and `.to_json()`.
+        An `InspectReport` with `.residuals`, `.streams`, `.importance` and `.to_json()`.
     """
     graph = load(model, example_inputs, **kw)
-    return InspectReport(find_residuals(graph), nodes=len(graph), params=_param_count(graph))
+    analysis = find_residuals(graph)
+    scores = None
+    if importance is not None:
+        from rescompile.analysis.importance import depth_units
+        from rescompile.passes.drop import DropPass, unit_scores
+
+        scorer = DropPass(unit=unit, metric=importance)
+        scorer.calibration = calibration
+        units = depth_units(analysis, unit)
+        scores = tuple(unit_scores(units, importance, scorer.probe(graph), graph=graph)) if units else ()
+    found = None
+    if groups:
+        from rescompile.analysis.groups import find_groups
+
+        found = find_groups(graph)
+    return InspectReport(
+        analysis,
+        nodes=len(graph),
+        params=_param_count(graph),
+        importance=scores,
+        metric=importance,
+        groups=found,
+    )
 
 
 def run_passes(graph: Graph, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:

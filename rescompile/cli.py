@@ -15,7 +15,15 @@ from pathlib import Path
 
 import click
 
-from rescompile.console import make_console, print_pass_stats, print_validation, site_table, summary
+from rescompile.console import (
+    group_table,
+    importance_table,
+    make_console,
+    print_pass_stats,
+    print_validation,
+    site_table,
+    summary,
+)
 from rescompile.errors import RescompileError
 from rescompile.validation import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -120,13 +128,44 @@ def _load_examples(path: Path | None):
         ) from exc
 
 
+def _calibration_option(fn):
+    return click.option(
+        "--calibration",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="Inputs for measured choices (drop, --importance): a torch.save'd list of batches "
+        "(tuples or dicts of tensors) or an .npz of arrays named after the model's inputs; "
+        "default: random inputs (with a warning).",
+    )(fn)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+@click.option(
+    "--importance",
+    type=click.Choice(["bi", "angular", "greedy", "norm"]),
+    default=None,
+    help="Also score every depth unit with this drop metric (lower: removing it changes less).",
+)
+@click.option(
+    "--unit",
+    type=click.Choice(["block", "branch"]),
+    default="block",
+    show_default=True,
+    help="For --importance.",
+)
+@click.option("--groups", is_flag=True, help="Also list the channel groups prune works on.")
+@_calibration_option
 @_torch_options
 def inspect(
     model: Path,
     as_json: bool,
+    importance: str | None,
+    groups: bool,
+    unit: str,
+    calibration: Path | None,
     trust_pickle: bool,
     example_file: Path | None,
     dynamic: bool | None,
@@ -136,7 +175,14 @@ def inspect(
     from rescompile.api import inspect as inspect_model
 
     report = inspect_model(
-        model, _load_examples(example_file), trust_pickle=trust_pickle, **_capture(dynamic, dynamic_timeout)
+        model,
+        _load_examples(example_file),
+        trust_pickle=trust_pickle,
+        importance=importance,
+        unit=unit,
+        calibration=calibration,
+        groups=groups,
+        **_capture(dynamic, dynamic_timeout),
     )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -149,6 +195,17 @@ def inspect(
             f"{stream.input.name} -> {stream.output.name}"
         )
     console.print(summary(report))
+    if report.groups is not None:
+        prunable = sum(g.prunable for g in report.groups.groups)
+        console.print(
+            group_table(report, f"channel groups: {prunable} of {len(report.groups.groups)} prunable")
+        )
+    if report.importance is not None:
+        console.print(
+            importance_table(
+                report, f"{importance} importance of each {unit} (lower: removing it changes less)"
+            )
+        )
     opaque = report.analysis.opaque
     if opaque:
         names = ", ".join(f"{n.name} ({n.op_type})" for n in opaque[:5]) + (" ..." if len(opaque) > 5 else "")
@@ -189,6 +246,7 @@ def _same_file(a: Path, b: Path) -> bool:
     "--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate)."
 )
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker on the output.")
+@_calibration_option
 @_torch_options
 @click.pass_context
 def apply(
@@ -201,6 +259,7 @@ def apply(
     rtol: float,
     dims,
     no_check: bool,
+    calibration: Path | None,
     trust_pickle: bool,
     example_file: Path | None,
     dynamic: bool | None,
@@ -231,6 +290,8 @@ def apply(
         validate=do_validate,
         tolerance=Tolerance(atol, rtol),
         dims=_parse_dims(dims),
+        calibration=calibration,
+        require_sites=True,
     )
     console = make_console()
     print_pass_stats(console, compiled)

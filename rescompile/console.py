@@ -97,9 +97,57 @@ def print_validation(console, res, *, expect_same: bool = True) -> None:
         console.print(f"validate: outputs {verdict}{dims}")
 
 
+def _short(value) -> str:
+    """Per-unit tables (drop's scores) are for `inspect --importance`; here only their size."""
+    return f"<{len(value)} entries>" if isinstance(value, dict) else str(value)
+
+
+def importance_table(report, title: str):
+    """Each depth unit's score, lowest (most removable) marked by rank."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("rank", "unit", "stream", "index", "sites", "params", f"{report.metric} score"):
+        table.add_column(col, justify="left" if col in ("unit", "sites") else "right")
+    ranks = {id(s): r for r, s in enumerate(sorted(report.importance, key=lambda s: s.score), 1)}
+    for s in report.importance:
+        u = s.unit
+        table.add_row(
+            str(ranks[id(s)]),
+            u.name,
+            str(u.stream),
+            str(u.index),
+            ", ".join(site.name for site in u.sites),
+            f"{u.params:,}",
+            f"{s.score:.6g}",
+        )
+    return table
+
+
+def group_table(report, title: str):
+    """The channel groups prune works on: prunable ones first, then why the others are not."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("group", "kind", "size", "unit", "params", "prunable", "why not"):
+        table.add_column(col, justify="right" if col in ("size", "params") else "left")
+    rows = sorted(report.groups.rows(), key=lambda r: not r["prunable"])
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["kind"],
+            str(r["size"]),
+            r["unit"],
+            f"{r['params']:,}",
+            "yes" if r["prunable"] else "no",
+            r["reason"] or "",
+        )
+    return table
+
+
 def print_pass_stats(console, compiled) -> None:
     """One line per pass: what it changed and how long it took."""
     for key, stats in compiled.result.stats.items():
         name = key.split(":", 1)[1]
-        detail = ", ".join(f"{k}={v}" for k, v in stats.items()) or "no change"
+        detail = ", ".join(f"{k}={_short(v)}" for k, v in stats.items()) or "no change"
         console.print(f"{name}: {detail} ({compiled.pass_timings[key]:.2f}s)")

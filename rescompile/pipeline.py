@@ -7,13 +7,16 @@ presentation (tables, return types) differs between them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rescompile.analysis.residuals import find_residuals
 from rescompile.errors import RescompileError
 from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
 from rescompile.ir import Graph, verify
@@ -31,7 +34,9 @@ __all__ = [
 ]
 
 PT2_SUFFIX = ".pt2"
+ONNX_SUFFIX = ".onnx"
 PICKLE_SUFFIXES = (".pt", ".pth")
+logger = logging.getLogger("rescompile")
 
 
 def is_torch_module(model: Any) -> bool:
@@ -83,6 +88,11 @@ def load(
 
             module = load_pickled_module(path, trust_pickle=trust_pickle)
             return import_module(module, example_inputs, example_kwargs, **capture)
+        if path.suffix.lower() != ONNX_SUFFIX and path.is_file():
+            raise RescompileError(
+                f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; rescompile reads "
+                ".onnx, .pt2 (torch.export.save) and .pt/.pth (pickled modules, with --trust-pickle)"
+            )
     from rescompile.frontends.onnx import load_onnx
 
     return load_onnx(model)
@@ -162,6 +172,8 @@ def compile_model(
     compare_with_changed: bool = False,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
     dims: Mapping[str, int] | None = None,
+    calibration: Any = None,
+    require_sites: bool = False,
 ) -> CompileResult:
     """Load `model`, run `passes`, export, and optionally validate against the input.
 
@@ -176,6 +188,11 @@ def compile_model(
             torch graphs) when every pass preserves the function.
         compare_with_changed: also compare when a pass changes the function (the
             result then shows how much it changed).
+        calibration: inputs for passes that measure the model (drop, prune's activation
+            importance): a list of batches (tuples of positional inputs or dicts by input
+            name) or a file (`torch.save`d list, or `.npz` named by input); default random.
+        require_sites: a pass that rewrites residual sites finding none is an error (the CLI),
+            not a no-op with a warning; log records of the passes are held until they succeed.
     """
     built = build_passes(passes)  # a bad spec fails before a large model is loaded
     from rescompile.frontends import is_torch_graph
@@ -193,12 +210,17 @@ def compile_model(
     timings["load"] = time.perf_counter() - t0
     # Modules are exported from the graph only after the passes: keep the reference now.
     t0 = time.perf_counter()
-    manager = PassManager(built, check=verify_each_pass)
-    result = manager(graph)
+    manager = PassManager(built, check=verify_each_pass, calibration=calibration)
+    with _held_logs(require_sites):
+        result = manager(graph)
+        if require_sites and not result.modified:
+            _require_sites(graph, built)
     verify(graph)
     timings["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     exported = _export(graph, output, check)
+    if output is None and built and all(getattr(p, "keeps_model_class", False) for p in built):
+        exported = _same_class(model, graph, exported, tolerance)
     timings["export"] = time.perf_counter() - t0
     compiled = CompileResult(graph, built, result, dict(manager.timings), timings, exported)
     if validate and (compiled.preserves_function or compare_with_changed):
@@ -217,6 +239,43 @@ def compile_model(
         )
         timings["validate"] = time.perf_counter() - t0
     return compiled
+
+
+def _require_sites(graph: Graph, passes: Sequence[PassBase]) -> None:
+    """Raise when a pass that rewrites residual sites (it selects sites or streams) left the
+    model unchanged because the model has none."""
+    needing = [p for p in passes if hasattr(p.options, "sites") or hasattr(p.options, "streams")]
+    if needing and not find_residuals(graph).sites:
+        raise RescompileError(f"{needing[0].name}: the model has no residual sites; nothing to rewrite")
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_logs(hold: bool) -> Iterator[None]:
+    """Hold the `rescompile` loggers' records and replay them once the block succeeds: when it
+    fails, its one error line replaces them (the CLI prints exactly one line)."""
+    if not hold:
+        yield
+        return
+    log = logging.getLogger("rescompile")
+    held, propagate = _Held(), log.propagate
+    log.addHandler(held)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(held)
+        log.propagate = propagate
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
 
 
 def _export(graph: Graph, output: str | os.PathLike | None, check: bool) -> Any:
@@ -244,6 +303,31 @@ def _export(graph: Graph, output: str | os.PathLike | None, check: bool) -> Any:
     # A ModelProto must be self-contained: pull weights kept in external files into memory.
     ir.external_data.load_to_model(exported)
     return ir.serde.serialize_model(exported)
+
+
+def _same_class(model: Any, graph: Graph, exported: Any, tolerance: Tolerance) -> Any:
+    """For a Hugging Face model and passes that keep a model its own class (drop of whole
+    layers): the rebuilt model of that class, checked to compute what the graph does; else,
+    with one warning saying why, the exported GraphModule."""
+    from rescompile.frontends.hf import NotSameClass, is_hf_model, rebuild
+
+    if not is_hf_model(model):
+        return exported
+    from rescompile.frontends.torch import compare_modules, example_inputs_of
+
+    try:
+        rebuilt = rebuild(model, graph)
+        args, kwargs = example_inputs_of(graph)
+        check = compare_modules(
+            exported, rebuilt, args, kwargs=kwargs, atol=tolerance.atol, rtol=tolerance.rtol
+        )
+        if not check.ok:
+            name = type(model).__name__
+            raise NotSameClass(f"the rebuilt {name} differs from the graph ({check.max_abs:.3g})")
+    except NotSameClass as exc:
+        logger.warning("returning a GraphModule, not a %s: %s", type(model).__name__, exc)
+        return exported
+    return rebuilt
 
 
 def _validate(

@@ -44,6 +44,13 @@ CASES = [
     ("residual_cnn", [], "depthscale:compensate=true"),
     ("gpt2", ["depthscale:compensate=true"], "fold"),
     ("residual_cnn", ["layerscale"], "fold"),
+    ("gpt2", [], "drop:n=1"),
+    ("bert", [], "drop:n=1,unit=branch,metric=greedy"),
+    ("residual_cnn", [], "drop:n=1,metric=angular"),
+    ("gpt2", [], "parallel:c=0.5,learnable=true"),
+    ("gpt2", [], "parallel:shared_norm=true"),
+    ("gpt2", [], "prune:ratio=0.3"),
+    ("residual_cnn", [], "prune:ratio=0.3,uniform=true"),
 ]
 
 # Every way a pass edits the graph; a wrapper counts calls across all of them.
