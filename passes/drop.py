@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
+
 from rescompile.analysis.importance import (
     METRICS,
     DepthUnit,
@@ -27,10 +29,10 @@ from rescompile.analysis.importance import (
     score_units,
 )
 from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, sites_option
-from rescompile.ir import Graph
+from rescompile.ir import Graph, Value
 from rescompile.ir.regions import Region, remove, remove_branch
 
-from ._branch import channel_axis
+from ._branch import channel_axis, insert_op, new_param
 
 __all__ = ["DropPass", "unit_scores"]
 
@@ -66,6 +68,14 @@ class DropPass(PassBase):
                 "norm (update size)",
             },
         )
+        replace: str = dataclasses.field(
+            default="identity",
+            metadata={
+                "choices": ("identity", "linear"),
+                "help": "what takes a removed run's place: identity, or linear (a d x d map of the "
+                "stream fit by least squares on calibration inputs, LLM-Streamline's idea)",
+            },
+        )
         sites: str = sites_option()
 
     def check_options(self) -> None:
@@ -92,8 +102,14 @@ class DropPass(PassBase):
         if not units:
             return PassResult(graph, modified=False, stats={"removed": 0})
         chosen, scores = self.choose(graph, units)
-        for unit in sorted(chosen, key=lambda u: graph.node_order()[u.sites[-1].add], reverse=True):
-            _remove(unit)
+        if self.options.replace == "linear":
+            runs = _runs(chosen)
+            for run, linear in zip(runs, self.fit_linear(graph, runs)):
+                sites = [site for unit in run for site in unit.sites]
+                remove(Region.of_block(sites, exit=run[-1].exit), replace={run[-1].exit: linear})
+        else:
+            for unit in sorted(chosen, key=lambda u: graph.node_order()[u.sites[-1].add], reverse=True):
+                _remove(unit)
         stats = {
             "units": len(units),
             "removed": len(chosen),
@@ -145,10 +161,60 @@ class DropPass(PassBase):
         ranked = sorted(scores, key=lambda s: s.score)
         return [s.unit for s in ranked[:count]], scores
 
+    def fit_linear(self, graph: Graph, runs: list[list[DepthUnit]]) -> list[Value]:
+        """For each run of removed units, y = x W + b fit by ridge least squares from the run's
+        entry x to its exit y over the calibration tokens (Gram matrices accumulated batch by
+        batch), inserted before the run. Returns the value that replaces each run's exit."""
+        for run in runs:
+            for unit in run:
+                if unit.per_branch:
+                    raise PassError(
+                        f"drop: replace=linear removes whole blocks; {unit.name} keeps a shortcut"
+                    )
+            axis = channel_axis(run[0].entry)
+            if axis != len(run[0].entry.shape) - 1:
+                raise PassError(
+                    f"drop: replace=linear needs channels last; {run[0].name}'s stream has "
+                    f"them on axis {axis}"
+                )
+        values = [v for run in runs for v in (run[0].entry, run[-1].exit)]
+        widths = [run[0].entry.shape[-1] for run in runs]
+        grams = [np.zeros((d + 1, d + 1)) for d in widths]  # [x 1]^T [x 1]
+        crosses = [np.zeros((d + 1, d)) for d in widths]  # [x 1]^T y
+        for arrays in self.probe(graph)(values):
+            for k, d in enumerate(widths):
+                x = arrays[2 * k].reshape(-1, d).astype(np.float64)
+                y = arrays[2 * k + 1].reshape(-1, d).astype(np.float64)
+                x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+                grams[k] += x1.T @ x1
+                crosses[k] += x1.T @ y
+        maps = []
+        for run, gram, cross in zip(runs, grams, crosses):
+            ridge = 1e-8 * max(np.trace(gram) / len(gram), 1e-12)
+            solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
+            site = run[0].sites[0]
+            weight = new_param(graph, self.name, site, "W", solution[:-1])
+            bias = new_param(graph, self.name, site, "b", solution[-1])
+            kw = dict(pass_name=self.name, before=site.nodes[0] if site.nodes else site.add)
+            product = insert_op(graph, "MatMul", [run[0].entry, weight], name=f"{site.name}/linear", **kw)
+            maps.append(insert_op(graph, "Add", [product, bias], name=f"{site.name}/linear_bias", **kw))
+        return maps
+
 
 def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> list[UnitScore]:
     """Every unit's score under `metric` (what `inspect --importance` prints)."""
     return score_units(units, metric, probe, channel_axis=channel_axis, run=run, outputs=list(graph.outputs))
+
+
+def _runs(units: list[DepthUnit]) -> list[list[DepthUnit]]:
+    """Maximal runs of consecutive units of one stream."""
+    runs: list[list[DepthUnit]] = []
+    for unit in sorted(units, key=lambda u: (u.stream, u.index)):
+        if runs and runs[-1][-1].stream == unit.stream and runs[-1][-1].index + 1 == unit.index:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs
 
 
 def _remove(unit: DepthUnit) -> None:

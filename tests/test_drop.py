@@ -276,3 +276,43 @@ def test_inspect_importance_lists_every_unit_and_uses_a_calibration_file(tmp_pat
         str(source), importance="norm", unit="branch", calibration=calibration
     ).importance
     np.testing.assert_allclose([s.score for s in scores], [u["score"] for u in units], rtol=1e-6)
+
+
+class _LinearBlocks(torch.nn.Module):
+    """A stream of residual blocks that are linear maps: x + W2 (W1 x + b1) + b2."""
+
+    def __init__(self, width: int = 8, blocks: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.Linear(2 * width, width))
+            for _ in range(blocks)
+        )
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(torch.tanh(x))
+
+
+def test_replace_linear_restores_a_run_of_linear_blocks_exactly():
+    model = _LinearBlocks().eval()
+    x = torch.randn(4, 16, 8)
+    calibration = [(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(s)),) for s in range(2)]
+    spec = "drop:n=2,metric=angular,replace=linear"
+    fitted = rescompile.apply(model, [spec], (x,), calibration=calibration)
+    plain = rescompile.apply(model, ["drop:n=2,metric=angular"], (x,), calibration=calibration)
+    with torch.no_grad():
+        want = model(x)
+        assert_close(fitted(x), want)  # the removed run was linear: the fit is exact
+        assert not np.allclose(plain(x), want, atol=1e-3)  # removing it without the map is not
+    assert sum(p.numel() for p in fitted.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_replace_linear_is_refused_where_a_projection_keeps_its_shortcut():
+    case = build("tv_resnet18")
+    with pytest.raises(RescompileError, match="replace=linear"):
+        rescompile.apply(
+            case.module, ["drop:n=1,metric=norm,replace=linear,unit=branch"], case.args, dynamic=False
+        )

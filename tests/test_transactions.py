@@ -47,8 +47,10 @@ CASES = [
     ("gpt2", [], "drop:n=1"),
     ("bert", [], "drop:n=1,unit=branch,metric=greedy"),
     ("residual_cnn", [], "drop:n=1,metric=angular"),
+    ("gpt2", [], "drop:n=1,replace=linear"),
     ("gpt2", [], "parallel:c=0.5,learnable=true"),
     ("gpt2", [], "parallel:shared_norm=true"),
+    ("gpt2", [], "shallow"),
     ("gpt2", [], "prune:ratio=0.3"),
     ("residual_cnn", [], "prune:ratio=0.3,uniform=true"),
 ]
