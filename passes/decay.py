@@ -1,5 +1,5 @@
 """decay: decayed identity shortcuts ("Residual Connections Harm Generative
-Representation Learning", Zhang et al., arXiv 2404.10947).
+Representation Learning", Zhang, Jiang, Gao, Willett, Maire, 2024, arXiv 2404.10947).
 
 `x_{l+1} = x_l + F_l(x_l)` -> `x_{l+1} = alpha_l * x_l + F_l(x_l)`, with
 alpha_l = 1 - (1 - alpha_min) * (l + 1) / L for the site at depth l (0-based)

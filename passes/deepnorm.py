@@ -1,4 +1,4 @@
-"""deepnorm: DeepNet's residual scaling (Wang et al., arXiv 2203.00555).
+"""deepnorm: DeepNet's residual scaling (Wang et al. 2022, arXiv 2203.00555).
 
 Post-norm blocks `x_{l+1} = LN(x_l + G_l(x_l))` become
 `x_{l+1} = LN(alpha * x_l + G_l(x_l))` with microsoft/torchscale's constants:

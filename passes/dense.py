@@ -1,4 +1,4 @@
-"""dense: DenseFormer's depth-weighted average (Pagliardini et al., arXiv 2402.02622).
+"""dense: DenseFormer's depth-weighted average (Pagliardini et al. 2024, arXiv 2402.02622).
 
 With X_0 the stream's input and X_{i+1} the raw output of block i, after block i
 the stream continues with x_{i+1} = sum_j alpha_{i,j} X_j over j = 0..i+1. The

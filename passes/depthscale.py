@@ -1,5 +1,5 @@
-"""depthscale: depth-muP branch multipliers (Bordelon et al., arXiv 2309.16620;
-Yang et al., arXiv 2310.02244).
+"""depthscale: depth-muP branch multipliers (Bordelon et al. 2023, arXiv 2309.16620;
+Yang et al. 2023, arXiv 2310.02244).
 
 `skip + branch` -> `skip + branch / sqrt(L)` (mode=sqrt) or `/ L` (mode=linear),
 L the number of sites on the stream. compensate=true multiplies the branch's

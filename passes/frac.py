@@ -1,4 +1,4 @@
-"""frac: frac-connections (Zhu et al., arXiv 2503.14125).
+"""frac: frac-connections (Zhu et al. 2025, arXiv 2503.14125).
 
 Like hyper-connections, but the stream is split into m fractions of its width
 instead of copied: H = reshape(x, [..., m, d/m]). Site k becomes

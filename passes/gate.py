@@ -1,8 +1,9 @@
 """gate: `x + F(x)` -> `x + 2 * sigmoid(w . x + b) * F(x)`, an input-dependent gate.
 
-A highway-style sigmoid gate in its function-preserving form (see the
-reference, family 1e): one gate value per position, computed from the skip x by
-a learned per-channel weight vector w and a bias b. With w = 0 and b = 0 the
+A highway-style sigmoid gate (Highway Networks, Srivastava, Greff, Schmidhuber
+2015, arXiv 1505.00387) in its function-preserving form: one gate value per
+position, computed from the skip x by a learned per-channel weight vector w and
+a bias b. With w = 0 and b = 0 the
 gate is 2 * sigmoid(0) = 1, so the rewritten model computes the original
 function exactly.
 """

@@ -1,4 +1,4 @@
-"""hyper: hyper-connections (Zhu et al., arXiv 2409.19606).
+"""hyper: hyper-connections (Zhu et al. 2024, arXiv 2409.19606).
 
 Each selected residual stream x becomes n parallel copies H (shape [..., n, d],
 channels last; NCHW streams are transposed to channels-last and back). Residual

@@ -1,4 +1,4 @@
-"""laurel: learned augmented residuals (LAuReL, Menghani et al., arXiv 2411.07501).
+"""laurel: learned augmented residuals (LAuReL, Menghani et al. 2024, arXiv 2411.07501).
 
 - rw: `skip + branch` -> `beta * skip + alpha * branch` (learned scalars, init 1);
 - lr: `skip + branch` -> `skip + branch + (skip @ A) @ B`, a rank-r linear map of

@@ -1,6 +1,6 @@
 """layerscale: `skip + branch` -> `skip + gamma * branch`, gamma a per-channel vector.
 
-LayerScale (CaiT, Touvron et al., arXiv 2103.17239). The channel axis comes
+LayerScale (CaiT, Touvron et al. 2021, arXiv 2103.17239). The channel axis comes
 from the graph: the last axis for token streams [B, T, d], axis 1 for NCHW
 (gamma then has shape [C, 1, 1]).
 """

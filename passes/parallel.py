@@ -7,9 +7,10 @@ reads the attention's norm, x' = x + A(N1 x) + M(N1 x) (GPT-J / PaLM), and N2 go
 Option `c` interpolates exactly: the second branch reads x + c * A(N1 x), so c = 1 is the
 original function and c = 0 the parallel form; `learnable=true` makes c a parameter to anneal
 while fine-tuning. Works on any two consecutive residual branches of one layer (a unit of
-`rescompile.analysis.importance.depth_units`), not only transformers. The literature's
-speed-up needs tensor parallelism (one all-reduce per layer instead of two) or fused input
-matmuls on large GPUs; on a few CPU cores the parallel form is not faster.
+`rescompile.analysis.importance.depth_units`), not only transformers. Papers: GPT-NeoX-20B
+(Black et al. 2022, arXiv 2204.06745), PaLM (Chowdhery et al. 2022, arXiv 2204.02311). The
+literature's speed-up needs tensor parallelism (one all-reduce per layer instead of two) or
+fused input matmuls on large GPUs; on a few CPU cores the parallel form is not faster.
 """
 
 from __future__ import annotations

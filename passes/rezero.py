@@ -1,6 +1,6 @@
 """rezero: `skip + branch` -> `skip + alpha * branch`, one learned scalar per site.
 
-ReZero (Bachlechner et al., arXiv 2003.04887) initialises alpha = 0 so every
+ReZero (Bachlechner et al. 2020, arXiv 2003.04887) initialises alpha = 0 so every
 block starts as the identity; on an existing model that changes the function,
 so the default here is alpha = 1, which preserves it exactly.
 """
