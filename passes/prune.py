@@ -7,10 +7,22 @@ output channels with their BatchNorm slice and the next conv's input channels, t
 columns, norms and heads of a residual stream. Shape constants follow (reshape targets, split
 sizes, slice bounds, conv groups, normalized_shape) and shapes are inferred again.
 
-Units are scored by a function from `IMPORTANCE` (magnitude: sum |w|^p over a unit's slices, as
-Torch-Pruning's GroupMagnitudeImportance), normalised by the group's mean so that groups compare,
-and the lowest go first until `ratio` of the prunable parameters is removed (or, `uniform`, the
-same fraction of every group). The model's inputs and outputs never change.
+Units are scored by a function from `IMPORTANCE`, normalised by the group's mean so that groups
+compare, and the lowest go first until `ratio` of the prunable parameters is removed (or,
+`uniform`, the same fraction of every group). The model's inputs and outputs never change.
+- l2 / l1: sum |w|^p over a unit's slices (Torch-Pruning's GroupMagnitudeImportance; Fang et al.
+  2023, arXiv 2301.12900).
+- activation: S_j = mean|X_j| * ||W[:, j]|| at every reader of the group (the weighted op that
+  contracts its channels: down/output projection, next conv), summed over a unit's channels
+  (Wanda-SP; Sun et al. 2023, arXiv 2306.11695), from running sums over the calibration batches.
+- taylor: |w * dL/dw| summed over a unit's slices, gradients summed over the calibration batches
+  (LLM-Pruner; Ma et al. 2023, arXiv 2305.11627); torch models only.
+
+`refit` then re-fits each reader y = x W (+ b) so that its output on the calibration activations
+matches the unpruned one: `bias` moves the removed channels' mean contribution mean(x_R) W_R into b
+(FLAP; An et al. 2024, arXiv 2312.11983); `least_squares` re-solves the kept rows,
+W'_K = (X_K^T X_K + lambda I)^-1 X_K^T X W, from Gram matrices summed batch by batch (Channel
+Pruning, He et al. 2017, arXiv 1707.06168; ThiNet, Luo et al. 2017, arXiv 1707.06342).
 """
 
 from __future__ import annotations
@@ -18,48 +30,95 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from rescompile.analysis.groups import ChannelGroup, GroupAnalysis, find_groups
+from rescompile.analysis.groups import ChannelGroup, GroupAnalysis, Reader, find_groups, readers
+from rescompile.errors import RescompileError
 from rescompile.infra import PassBase, PassError, PassResult
-from rescompile.ir import CONST, Graph, Node, Value
+from rescompile.ir import CONST, Graph, Node, Role, Value
 from rescompile.ir.ops import call_of
 from rescompile.ir.shapes import infer_shapes
 
 from ._branch import numpy_of
 
-__all__ = ["IMPORTANCE", "PrunePass", "PrunePlan"]
+__all__ = ["IMPORTANCE", "Evidence", "PrunePass", "PrunePlan"]
+
+logger = logging.getLogger("rescompile")
 
 _KINDS = ("mlp", "heads", "channels", "stream")
+_REFITS = ("none", "bias", "least_squares")
 
 
-def magnitude(group: ChannelGroup, rng: np.random.Generator, *, p: int) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """What a criterion reads besides the weights. Calibration statistics are measured once per
+    pass, and only for the criterion that needs them."""
+
+    rng: np.random.Generator
+    mean_abs: Mapping[tuple[Value, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    """(reader input, channel axis) -> mean |x| per channel over the calibration batches."""
+    gradients: Mapping[Value, np.ndarray] = dataclasses.field(default_factory=dict)
+    """parameter -> dL/dw summed over the calibration batches."""
+
+
+def magnitude(group: ChannelGroup, evidence: Evidence, *, p: int) -> np.ndarray:
     """sum |w|^p over each unit's parameter slices (no p-th root, as Torch-Pruning)."""
+    return _per_unit(group, lambda member: np.abs(_array(member.value)) ** p)
+
+
+def random_scores(group: ChannelGroup, evidence: Evidence) -> np.ndarray:
+    """The floor every criterion must beat."""
+    return evidence.rng.random(group.size)
+
+
+def activation(group: ChannelGroup, evidence: Evidence) -> np.ndarray:
+    """Wanda-SP: S_j = mean|X_j| * ||W_:,j|| at every reader, summed over the unit's channels.
+    A group nobody reads through a weight falls back to l2."""
+    found = readers(group)
+    if not found:
+        logger.info("prune: %s has no weighted reader; scored by l2", group.name)
+        return magnitude(group, evidence, p=2)
+    scores = np.zeros(group.size)
+    for reader in found:
+        weight = np.moveaxis(_array(reader.weight.value), reader.weight.axis, 0)
+        norms = np.sqrt((weight.reshape(len(weight), -1) ** 2).sum(axis=1))
+        mean_abs = evidence.mean_abs[(reader.data.value, reader.data.axis)]
+        np.add.at(scores, list(reader.data.units), mean_abs * norms)
+    return scores
+
+
+def taylor(group: ChannelGroup, evidence: Evidence) -> np.ndarray:
+    """First-order Taylor (LLM-Pruner): |w * dL/dw| summed over each unit's parameter slices."""
+    return _per_unit(group, lambda m: np.abs(_array(m.value) * evidence.gradients[m.value]))
+
+
+def _per_unit(group: ChannelGroup, elementwise: Callable) -> np.ndarray:
+    """`elementwise(member)` summed over each unit's slices of the trainable parameters."""
     scores = np.zeros(group.size)
     for member in group.members:
         if member.value.role != "param":
             continue
-        weights = np.moveaxis(np.abs(numpy_of(member.value.payload).astype(np.float64)), member.axis, 0)
-        per_index = (weights**p).reshape(len(member.units), -1).sum(axis=1)
-        np.add.at(scores, list(member.units), per_index)
+        per_element = np.moveaxis(elementwise(member), member.axis, 0)
+        np.add.at(scores, list(member.units), per_element.reshape(len(member.units), -1).sum(axis=1))
     return scores
 
 
-def random_scores(group: ChannelGroup, rng: np.random.Generator) -> np.ndarray:
-    """The floor every criterion must beat."""
-    return rng.random(group.size)
+def _array(value: Value) -> np.ndarray:
+    return numpy_of(value.payload).astype(np.float64)
 
 
-IMPORTANCE: dict[str, Callable[[ChannelGroup, np.random.Generator], np.ndarray]] = {
+IMPORTANCE: dict[str, Callable[[ChannelGroup, Evidence], np.ndarray]] = {
     "l2": functools.partial(magnitude, p=2),
     "l1": functools.partial(magnitude, p=1),
     "random": random_scores,
+    "activation": activation,
+    "taylor": taylor,
 }
-"""Unit scores per group, higher = more important; a criterion is one entry (activation and
-Taylor scores need calibration runs and join here)."""
+"""Unit scores per group, higher = more important; a criterion is one entry."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +127,7 @@ class PrunePlan:
 
     analysis: GroupAnalysis
     removed: dict[int, frozenset[int]]  # group index -> units
+    scores: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # group index -> raw scores
 
     def removed_slices(self) -> dict[Value, dict[int, list[int]]]:
         """value -> {axis: indices removed}, parameters and activations alike."""
@@ -89,7 +149,10 @@ class PrunePass(PassBase):
 
     Refused: a ratio outside (0, 1), a target the model has no prunable group of (the error lists
     what it has), a split into unequal pieces a single split size cannot express, a strided slice
-    of a pruned axis. Groups the analysis cannot follow are left alone (see `find_groups`).
+    of a pruned axis, taylor on ONNX, calibration batches the model cannot run. Groups the analysis
+    cannot follow are left alone (see `find_groups`). Refit skips, with a reason in the stats, a
+    reader whose weight is not a matrix (a conv) or is shared, and under `bias` one with no bias of
+    its own.
     """
 
     name = "prune"
@@ -108,7 +171,19 @@ class PrunePass(PassBase):
             metadata={"help": "group kinds that shrink: mlp|heads|channels|stream"},
         )
         importance: str = dataclasses.field(
-            default="l2", metadata={"choices": tuple(IMPORTANCE), "help": "unit score: l2, l1 or random"}
+            default="l2",
+            metadata={
+                "choices": tuple(IMPORTANCE),
+                "help": "unit score: l2, l1, random, activation (calibration runs), taylor (torch)",
+            },
+        )
+        refit: str = dataclasses.field(
+            default="auto",
+            metadata={
+                "choices": ("auto",) + _REFITS,
+                "help": "re-fit the readers of pruned channels on calibration data: none, bias, "
+                "least_squares (auto: least_squares with calibration data, else none)",
+            },
         )
         round_to: int = dataclasses.field(default=1, metadata={"help": "keep a multiple of this many units"})
         min_keep: int = dataclasses.field(default=1, metadata={"help": "units every group keeps at least"})
@@ -125,13 +200,28 @@ class PrunePass(PassBase):
             raise PassError(f"prune: importance must be one of {', '.join(IMPORTANCE)}, not {o.importance!r}")
         if o.round_to < 1 or o.min_keep < 1:
             raise PassError("prune: round_to and min_keep must be >= 1")
+        if o.refit not in ("auto",) + _REFITS:
+            raise PassError(f"prune: refit must be one of auto, {', '.join(_REFITS)}, not {o.refit!r}")
+
+    @property
+    def refit_mode(self) -> str:
+        if self.options.refit != "auto":
+            return self.options.refit
+        return "least_squares" if self.calibration is not None else "none"
 
     @property
     def preserves_function(self) -> bool:
         return False
 
-    def plan(self, graph: Graph) -> PrunePlan:
-        """The units to remove, without changing the graph."""
+    @property
+    def keeps_model_class(self) -> bool:
+        """Uniform pruning narrows every layer alike, so a config can say the widths; the HF
+        rebuild (`frontends.hf`) refuses, with a reason, widths the config cannot say."""
+        return self.options.uniform
+
+    def plan(self, graph: Graph, probe=None) -> PrunePlan:
+        """The units to remove, without changing the graph; `probe` (from `self.probe`) runs the
+        calibration batches for measured criteria (drawn here when not given)."""
         analysis = find_groups(graph)
         kinds = set(self.options.target.split("|"))
         groups = [g for g in analysis.groups if g.prunable and g.kind in kinds]
@@ -141,26 +231,53 @@ class PrunePass(PassBase):
                 f"prune: target={self.options.target} matches no prunable group; the model has "
                 + (f"prunable {'|'.join(have)} groups" if have else "no prunable group")
             )
-        rng = np.random.default_rng(self.options.seed)
-        scores = {g.index: _normalised(IMPORTANCE[self.options.importance](g, rng)) for g in groups}
+        evidence = self._evidence(graph, groups, probe)
+        raw = {g.index: IMPORTANCE[self.options.importance](g, evidence) for g in groups}
         choose = self._uniform if self.options.uniform else self._global
-        return PrunePlan(analysis, {i: frozenset(u) for i, u in choose(groups, scores).items() if u})
+        chosen = choose(groups, {i: _normalised(s) for i, s in raw.items()})
+        return PrunePlan(analysis, {i: frozenset(u) for i, u in chosen.items() if u}, raw)
 
     def call(self, graph: Graph) -> PassResult:
-        plan = self.plan(graph)
+        measured = self.options.importance in ("activation", "taylor") or self.refit_mode != "none"
+        probe = self.probe(graph) if measured else None
+        plan = self.plan(graph, probe)
+        refused = _refit(plan, probe, self.refit_mode) if self.refit_mode != "none" else []
+        for reason in refused:
+            logger.info("prune: refit skips %s", reason)
         cut = plan.removed_slices()
         before = sum(np.size(numpy_of(v.payload)) for v in graph.initializers.values() if v.role == "param")
         _prune(graph, cut)
         after = sum(np.size(numpy_of(v.payload)) for v in graph.initializers.values() if v.role == "param")
-        return PassResult(
-            graph,
-            modified=bool(cut),
-            stats={
-                "groups": len(plan.removed),
-                "units": sum(map(len, plan.removed.values())),
-                "params": before - after,
-            },
-        )
+        stats = {
+            "groups": len(plan.removed),
+            "units": sum(map(len, plan.removed.values())),
+            "params": before - after,
+            "refit": self.refit_mode,
+        }
+        if refused:
+            stats["refit_refused"] = refused
+        return PassResult(graph, modified=bool(cut), stats=stats)
+
+    def _evidence(self, graph: Graph, groups: list[ChannelGroup], probe) -> Evidence:
+        rng = np.random.default_rng(self.options.seed)
+        if self.options.importance == "activation":
+            keys = list(dict.fromkeys((r.data.value, r.data.axis) for g in groups for r in readers(g)))
+            return Evidence(rng, mean_abs=_mean_abs(probe or self.probe(graph), keys))
+        if self.options.importance == "taylor":
+            # NOTE: gradients need the torch module; like `PassBase.probe`, this reaches the
+            # frontend only through `rescompile.frontends.probe`, which refuses ONNX graphs.
+            from rescompile.frontends.probe import calibration_batches, gradients
+
+            names = sorted({m.value.name for g in groups for m in g.members if m.is_param})
+            try:
+                grads = gradients(graph, calibration_batches(graph, self.calibration), names)
+            except RescompileError as exc:
+                raise PassError(f"prune: importance=taylor: {exc}") from exc
+            except Exception as exc:
+                raise PassError(f"prune: {_MISMATCH} ({_first_line(exc)})") from exc
+            by_name = {v.name: v for v in graph.initializers.values()}
+            return Evidence(rng, gradients={by_name[n]: g for n, g in grads.items()})
+        return Evidence(rng)
 
     # ----- choosing units -----------------------------------------------------------------
     def _floor(self, group: ChannelGroup, keep: int) -> int:
@@ -168,11 +285,28 @@ class PrunePass(PassBase):
         keep = max(keep, self.options.min_keep, 1)
         return min(group.size, math.ceil(keep / self.options.round_to) * self.options.round_to)
 
+    def _member_floor(self, group: ChannelGroup, units: list[int], scores) -> list[int]:
+        """`units` less the best-scored ones each member needs to keep `min_keep` of its own: a
+        member may hold only some of the group's units (one conv's piece of a DenseNet
+        concatenation), and a conv or linear left with no channels cannot run."""
+        removed = set(units)
+        for member in group.members:
+            own = sorted(set(member.units), key=lambda u: -scores[u])
+            kept = [u for u in own if u not in removed]
+            for unit in own:
+                if len(kept) >= min(self.options.min_keep, len(own)):
+                    break
+                if unit in removed:
+                    removed.discard(unit)
+                    kept.append(unit)
+        return [u for u in units if u in removed]
+
     def _uniform(self, groups: list[ChannelGroup], scores: dict) -> dict[int, list[int]]:
         chosen = {}
         for g in groups:
             keep = self._floor(g, g.size - int(self.options.ratio * g.size))
-            chosen[g.index] = list(np.argsort(scores[g.index], kind="stable")[: g.size - keep])
+            units = list(np.argsort(scores[g.index], kind="stable")[: g.size - keep])
+            chosen[g.index] = self._member_floor(g, units, scores[g.index])
         return chosen
 
     def _global(self, groups: list[ChannelGroup], scores: dict) -> dict[int, list[int]]:
@@ -194,14 +328,160 @@ class PrunePass(PassBase):
             removed += g.params_per_unit[unit]
         # round_to: give back the best of the removed units until the kept count is a multiple.
         return {
-            i: units[: by_index[i].size - self._floor(by_index[i], by_index[i].size - len(units))]
+            i: self._member_floor(
+                by_index[i],
+                units[: by_index[i].size - self._floor(by_index[i], by_index[i].size - len(units))],
+                scores[i],
+            )
             for i, units in chosen.items()
         }
+
+
+_MISMATCH = "the calibration batches do not match the model's inputs"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run(probe, values: list[Value]):
+    """`probe(values)`, with a failure to run the model on a batch said in one line."""
+    try:
+        yield from probe(values)
+    except RescompileError as exc:
+        raise PassError(f"prune: {exc}") from exc
+    except Exception as exc:
+        raise PassError(f"prune: {_MISMATCH} ({_first_line(exc)})") from exc
+
+
+def _channels_last(x: np.ndarray, axis: int) -> np.ndarray:
+    """An activation as rows of channels: (every other position, channels along `axis`)."""
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+
+
+def _mean_abs(probe, keys: list[tuple[Value, int]]) -> dict[tuple[Value, int], np.ndarray]:
+    """Mean |x| per channel, from running sums over the calibration batches."""
+    sums: dict = {key: 0.0 for key in keys}
+    rows = dict.fromkeys(keys, 0)
+    for arrays in _run(probe, [value for value, _ in keys]):
+        for key, x in zip(keys, arrays):
+            x = _channels_last(x, key[1])
+            sums[key] = sums[key] + np.abs(x).sum(axis=0)
+            rows[key] += len(x)
+    return {key: sums[key] / max(rows[key], 1) for key in keys}
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:
     mean = float(np.mean(scores))
     return scores / mean if mean > 0 else scores
+
+
+# ----- re-fitting what reads the pruned channels --------------------------------------------
+_RIDGE = 1e-6  # times the Gram matrix's mean diagonal: a stable solve, a negligible bias
+
+
+@dataclasses.dataclass
+class _Fit:
+    """Running sums over the calibration batches for one reader y = x W of pruned channels."""
+
+    reader: Reader
+    kept: list[int]
+    removed: list[int]
+    weight: np.ndarray  # (channels, outputs): the weight with the channel axis first
+    bias: Value | None
+    rows: int = 0
+    removed_sum: np.ndarray | float = 0.0  # sum of x over rows, removed channels
+    gram: np.ndarray | float = 0.0  # X_kept^T X_kept
+    cross: np.ndarray | float = 0.0  # X_kept^T X W
+    target: float = 0.0  # ||X W||^2
+
+    def add(self, x: np.ndarray, mode: str) -> None:
+        x = _channels_last(x, self.reader.data.axis)
+        self.rows += len(x)
+        if mode == "bias":
+            self.removed_sum = self.removed_sum + x[:, self.removed].sum(axis=0)
+            return
+        y, kept = x @ self.weight, x[:, self.kept]
+        self.gram = self.gram + kept.T @ kept
+        self.cross = self.cross + kept.T @ y
+        self.target += float((y**2).sum())
+
+    def error(self, w_kept: np.ndarray) -> float:
+        """||X W - X_kept w_kept||^2 over the calibration rows, from the running sums."""
+        return (
+            self.target
+            - 2 * float((w_kept * self.cross).sum())
+            + float((w_kept * (self.gram @ w_kept)).sum())
+        )
+
+    def apply(self, mode: str) -> None:
+        graph, weight = self.reader.node.graph, self.weight.copy()
+        if mode == "bias":
+            # FLAP: the removed channels' mean contribution moves into the bias.
+            shift = (self.removed_sum / max(self.rows, 1)) @ weight[self.removed]
+            graph.set_payload(self.bias, _like(self.bias.payload, _array(self.bias) + shift))
+            return
+        ridge = _RIDGE * max(float(np.trace(self.gram)) / len(self.kept), 1e-30)
+        solved = np.linalg.solve(self.gram + ridge * np.eye(len(self.kept)), self.cross)
+        if self.error(solved) > self.error(weight[self.kept]):
+            return  # the ridge term cost more than the refit gained: never worse than pruning alone
+        weight[self.kept] = solved
+        value = self.reader.weight.value
+        graph.set_payload(value, _like(value.payload, np.moveaxis(weight, 0, self.reader.weight.axis)))
+
+
+def _refit(plan: PrunePlan, probe, mode: str) -> list[str]:
+    """Re-fit every reader of pruned channels (before they are sliced away) so that its output on
+    the calibration batches matches the unpruned one. Returns the readers refused, with why."""
+    fits, refused = [], []
+    for group in plan.analysis.groups:
+        gone = plan.removed.get(group.index)
+        for reader in readers(group) if gone else ():
+            reason, bias = _refit_refusal(reader, mode)
+            if reason:
+                refused.append(reason)
+                continue
+            weight = np.moveaxis(_array(reader.weight.value), reader.weight.axis, 0)
+            kept = [k for k, unit in enumerate(reader.data.units) if unit not in gone]
+            fits.append(_Fit(reader, kept, reader.data.indices(set(gone)), weight, bias))
+    for arrays in _run(probe, [f.reader.data.value for f in fits]) if fits else ():
+        for fit, x in zip(fits, arrays):
+            fit.add(x, mode)
+    for fit in fits:
+        fit.apply(mode)
+    return refused
+
+
+def _refit_refusal(reader: Reader, mode: str) -> tuple[str, Value | None]:
+    """Why `reader` cannot be re-fitted ('' if it can), and the bias it would adjust."""
+    node, weight = reader.node, reader.weight.value
+    if len(weight.shape) != 2:
+        return f"{node.name}: its weight {weight.name} is not a matrix (a conv reads a window)", None
+    if len(weight.uses()) != 1:
+        return f"{node.name}: its weight {weight.name} is shared", None
+    if mode != "bias":
+        return "", None
+    call = call_of(node)
+    name = call.role_name(Role.BIAS) if call is not None else ""
+    index = call.input_index(name) if name else None
+    bias = node.inputs[index] if index is not None else None
+    if bias is None:
+        return f"{node.name} has no bias to adjust", None
+    if (
+        not bias.is_initializer
+        or len(bias.uses()) != 1
+        or np.size(numpy_of(bias.payload)) != weight.shape[1 - reader.weight.axis]
+    ):
+        return f"{node.name}: its bias {bias.name} is not its own vector", None
+    return "", bias
+
+
+def _like(payload, array: np.ndarray):
+    """`array` in the payload's own kind and dtype (torch stays torch)."""
+    if hasattr(payload, "detach"):
+        return payload.detach().new_tensor(array)
+    return np.asarray(array, dtype=numpy_of(payload).dtype)
 
 
 # ----- rewriting the graph ------------------------------------------------------------------

@@ -231,7 +231,7 @@ class StreamModel(torch.nn.Module):
         ("prune:ratio=0", "ratio must be in (0, 1)"),
         ("prune:ratio=1.5", "ratio must be in (0, 1)"),
         ("prune:target=blocks", "unknown target blocks"),
-        ("prune:importance=taylor", "importance must be one of l2, l1, random"),
+        ("prune:importance=fisher", "importance must be one of l2, l1, random"),
         ("prune:round_to=0", "round_to and min_keep must be >= 1"),
     ],
 )

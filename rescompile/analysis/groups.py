@@ -41,7 +41,7 @@ from rescompile.ir.ops import (
     Window,
 )
 
-__all__ = ["ChannelGroup", "GroupAnalysis", "Member", "find_groups"]
+__all__ = ["ChannelGroup", "GroupAnalysis", "Member", "Reader", "find_groups", "readers"]
 
 # Inputs read for their shape or as small constants: their axes carry no channels.
 _VALUE_ROLES = frozenset(
@@ -146,6 +146,36 @@ class GroupAnalysis:
 
     def to_json(self) -> dict:
         return {"groups": [g.to_json() for g in self.groups]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """A node that contracts a group's activation with a weight of the group along the group's axis
+    (an MLP's down projection, an attention output projection, the next conv): where the units'
+    channels are read, and so where measured importance and refit look."""
+
+    node: Node
+    data: Member
+    weight: Member
+
+
+def readers(group: ChannelGroup) -> list[Reader]:
+    """The group's readers, in graph order of their data members."""
+    members = {(m.value, m.axis): m for m in group.members}
+    found: dict[tuple[Node, Value], Reader] = {}
+    for data in group.members:
+        if data.value.is_initializer:
+            continue
+        for node in data.value.consumers():
+            amap = axis_map(node)
+            for mix in amap.mixes if amap is not None else ():
+                if not isinstance(mix, Contract) or mix.groups != 1:
+                    continue
+                operands = [(node.inputs[i], axis) for i, axis in mix.operands]
+                weights = [members[o] for o in operands if o in members and members[o].is_param]
+                if (data.value, data.axis) in operands and len(weights) == 1:
+                    found.setdefault((node, data.value), Reader(node, data, weights[0]))
+    return list(found.values())
 
 
 def find_groups(graph: Graph) -> GroupAnalysis:

@@ -27,7 +27,7 @@ from rescompile.errors import RescompileError
 from rescompile.frontends import is_torch_graph
 from rescompile.ir import Graph, Value
 
-__all__ = ["Batch", "calibration_batches", "load_calibration", "probe"]
+__all__ = ["Batch", "calibration_batches", "gradients", "load_calibration", "probe"]
 
 logger = logging.getLogger("rescompile")
 
@@ -241,3 +241,44 @@ def _probe_onnx(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
             raise RescompileError(f"the calibration batch lacks the model input {missing[0]!r}")
         arrays = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
         yield [np.asarray(a, dtype=np.float32) for a in arrays]
+
+
+def gradients(graph: Graph, batches: Sequence[Batch], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """dL/dw of the parameters `names`, summed over `batches` (float64 numpy). L is the model's own
+    loss where its output has one (an HF model given `labels`), else the sum of squares of its
+    float outputs. The model's tensors and their `.grad` are left as they were.
+
+    Raises:
+        RescompileError: the graph did not come from torch.
+    """
+    if not is_torch_graph(graph):
+        raise RescompileError("gradients need the torch model; an ONNX graph has none here")
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from rescompile.frontends.torch import export_module, normalize_example_inputs
+
+    module = export_module(graph).eval()
+    params = dict(module.named_parameters())
+    tensors = [params[name] for name in names]
+    frozen = [t for t in tensors if not t.requires_grad]
+    total = [torch.zeros(t.shape, dtype=torch.float64) for t in tensors]
+    try:
+        for t in frozen:
+            t.requires_grad_(True)
+        for batch in batches:
+            args, kwargs = batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
+            out = module(*args, **kwargs)
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if loss is None:
+                leaves = [
+                    x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                ]
+                loss = sum((x.float() ** 2).sum() for x in leaves)
+            for acc, grad in zip(total, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                if grad is not None:
+                    acc += grad.detach().double()
+    finally:
+        for t in frozen:
+            t.requires_grad_(False)
+    return {name: acc.numpy() for name, acc in zip(names, total)}

@@ -1467,9 +1467,20 @@ def _sdpa(call: Call) -> AxisMap | None:
     if None in (q, k, v, iq, ik, iv):
         return None
     r = len(q)
-    batch = _broadcast({iq: q[:-2], ik: k[:-2], iv: v[:-2]})
-    axes = batch + [(Keep(iq, r - 2),), (Keep(iv, r - 1),)]
-    mixes = (Contract(((iq, r - 1), (ik, r - 1))), Contract(((ik, r - 2), (iv, r - 2))), Normalize(ik, r - 2))
+    batch_shapes = {iq: q[:-2], ik: k[:-2], iv: v[:-2]}
+    rows = [Keep(iq, r - 2)]
+    keys = [(ik, r - 2), (iv, r - 2)]
+    # An additive mask or bias [..., L, S] (T5's relative position bias carries the heads axis):
+    # its leading axes broadcast with the batch axes, L is the query's, S the keys'.
+    im, mask = call.input_index("attn_mask"), call.shape("attn_mask")
+    if im is not None and mask is not None and len(mask) >= 2:
+        batch_shapes[im] = mask[:-2]
+        if mask[-2] != 1:
+            rows.append(Keep(im, len(mask) - 2))
+        if mask[-1] != 1:
+            keys.append((im, len(mask) - 1))
+    axes = _broadcast(batch_shapes) + [tuple(rows), (Keep(iv, r - 1),)]
+    mixes = (Contract(((iq, r - 1), (ik, r - 1))), Contract(tuple(keys)), Normalize(ik, r - 2))
     return _make_map(axes, mixes=mixes)
 
 
