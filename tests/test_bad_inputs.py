@@ -397,9 +397,24 @@ CASES = [
         _apply("hyper", residual_mlp(post_norm=True)),
         "reads the stream through LayerNormalization",
     ),
-    # TODO(issue 15): "a prune or drop that would remove everything" joins here once the prune
-    # and drop passes land (another engineer is writing them), e.g.
-    #   Case("drop_everything", "`-p drop:...` removing every block", _apply("drop:..."), "..."),
+    Case(
+        "drop_everything",
+        "`-p drop:n=2` on a model with two blocks",
+        _apply("drop:n=2", residual_mlp()),
+        "would remove every one",
+    ),
+    Case(
+        "drop_all_named",
+        "`-p drop:sites=depth:0-` naming every block",
+        _apply("drop:sites=depth:0-", residual_mlp()),
+        "keep at least one",
+    ),
+    Case(
+        "prune_ratio_out_of_range",
+        "`-p prune:ratio=1` (removing every prunable parameter)",
+        _apply("prune:ratio=1", residual_mlp()),
+        "ratio must be in (0, 1)",
+    ),
 ]
 
 
@@ -452,7 +467,7 @@ def run_case(case: Case, d: Path) -> tuple[Outcome, dict, dict]:
     for prefix in {str(d.resolve()), str(d)}:
         message = message.replace(prefix, "<tmp>")
     # The list of passes grows as passes land; the table need not follow it.
-    message = re.sub(r"available: [a-z, ]+ \(", "available: ... (", message)
+    message = re.sub(r"available: [a-z0-9_, ]+ \(", "available: ... (", message)
     return Outcome(proc.returncode, proc.stdout, proc.stderr, message), before, _hashes(d)
 
 
