@@ -3,6 +3,7 @@
 No import-time registration: a pass is available when it is listed here.
 """
 
+from .compress import CompressPass
 from .decay import DecayPass
 from .deepnorm import DeepNormPass
 from .dense import DenseFormerPass
@@ -10,14 +11,20 @@ from .depthscale import DepthScalePass
 from .drop import DropPass
 from .fold import FoldPass
 from .frac import FracConnectionsPass
+from .fuse import FusePass
 from .gate import GatePass
 from .hyper import HyperConnectionsPass
 from .identity import IdentityPass
+from .ladder import LadderPass
 from .laurel import LaurelPass
 from .layerscale import LayerScalePass
+from .loop import LoopPass
+from .macaron import MacaronPass
 from .parallel import ParallelPass
 from .prune import PrunePass
 from .rezero import RezeroPass
+from .rk2 import RK2Pass
+from .shallow import ShallowPass
 
 __all__ = [
     "PASSES",
@@ -35,8 +42,15 @@ __all__ = [
     "DepthScalePass",
     "FoldPass",
     "DropPass",
+    "CompressPass",
     "ParallelPass",
+    "ShallowPass",
+    "LadderPass",
+    "RK2Pass",
     "PrunePass",
+    "MacaronPass",
+    "LoopPass",
+    "FusePass",
 ]
 
 PASSES = {
@@ -55,8 +69,15 @@ PASSES = {
         DepthScalePass,
         FoldPass,
         DropPass,
+        CompressPass,
         ParallelPass,
+        ShallowPass,
+        LadderPass,
+        RK2Pass,
         PrunePass,
+        MacaronPass,
+        LoopPass,
+        FusePass,
     )
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite, ResidualStream, find_residuals
 from rescompile.errors import RescompileError
+from rescompile.frontends.hf_folder import is_hf_folder
 from rescompile.infra import PassBase, PassManager, PassResult
 from rescompile.ir import PARAM, Graph
 from rescompile.pipeline import build_passes, compile_model, is_torch_module, load, must_exist
@@ -164,17 +165,20 @@ def validate(
     elementwise (see `rescompile.validation.Tolerance` for why these defaults).
 
     Args:
-        original, rewritten: two nn.Modules (compared in torch), or two ONNX
-            models as paths, onnx.ModelProto objects or bytes (compared in ONNX
-            Runtime).
-        inputs: for modules: a tensor, tuple or dict of inputs (required); for
-            ONNX: a dict of arrays, random inputs when omitted.
+        original, rewritten: two nn.Modules or Hugging Face folders (compared in torch;
+            a `.pt2` path beside a folder too), or two ONNX models as paths,
+            onnx.ModelProto objects or bytes (compared in ONNX Runtime).
+        inputs: for modules: a tensor, tuple or dict of inputs (required unless a
+            folder gives its example inputs); for ONNX: a dict of arrays, random inputs
+            when omitted.
 
     Returns:
         a `ValidationResult`: per-output max abs/rel differences and `.ok`.
     """
     from rescompile.validation import ValidationResult, compare_onnx, diff, run_onnx
 
+    if is_hf_folder(original) or is_hf_folder(rewritten):
+        original, rewritten, inputs = _open_folders(original, rewritten, inputs)
     if is_torch_module(original) or is_torch_module(rewritten):
         from rescompile.frontends.torch import compare_modules
 
@@ -185,6 +189,27 @@ def validate(
     ref, new = run_onnx(a, inputs), run_onnx(b, inputs)
     pairs = zip(ref, ref) if set(ref) == set(new) else zip(ref, new)
     return ValidationResult(tuple(diff(x, ref[x], new[y], atol, rtol) for x, y in pairs), atol, rtol, {})
+
+
+def _open_folders(original: Any, rewritten: Any, inputs: Any) -> tuple[Any, Any, Any]:
+    """Folders as their models (and the first folder's example inputs), `.pt2` paths as modules."""
+    from rescompile.frontends.hf_folder import load_folder
+
+    models = []
+    for model in (original, rewritten):
+        if is_hf_folder(model):
+            model, examples = load_folder(model)
+            inputs = examples if inputs is None else inputs
+        elif isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".pt2":
+            from rescompile.frontends.torch import export_module
+
+            model = export_module(load(model))
+        elif not is_torch_module(model):
+            raise RescompileError(
+                f"cannot compare a Hugging Face folder with {model}: give a folder, a .pt2 or an nn.Module"
+            )
+        models.append(model)
+    return models[0], models[1], inputs
 
 
 def _onnx_source(model: Any) -> str | bytes:

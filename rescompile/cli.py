@@ -22,6 +22,7 @@ from rescompile.console import (
     print_pass_stats,
     print_validation,
     site_table,
+    stage_progress,
     summary,
 )
 from rescompile.errors import RescompileError
@@ -157,6 +158,17 @@ def _calibration_option(fn):
     help="For --importance.",
 )
 @click.option("--groups", is_flag=True, help="Also list the channel groups prune works on.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display on stderr.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write a self-contained HTML picture of the streams and sites to this file.",
+)
+@click.option(
+    "--svg", "svg_path", type=click.Path(path_type=Path), default=None, help="Also write the lanes as an SVG."
+)
 @_calibration_option
 @_torch_options
 def inspect(
@@ -164,6 +176,9 @@ def inspect(
     as_json: bool,
     importance: str | None,
     groups: bool,
+    quiet: bool,
+    html_path: Path | None,
+    svg_path: Path | None,
     unit: str,
     calibration: Path | None,
     trust_pickle: bool,
@@ -171,19 +186,23 @@ def inspect(
     dynamic: bool | None,
     dynamic_timeout: float | None,
 ) -> None:
-    """Show where MODEL's residual connections are (.onnx, .pt2, or .pt/.pth with --trust-pickle)."""
+    """Show where MODEL's residual connections are (.onnx, .pt2, a Hugging Face folder, or .pt/.pth
+    with --trust-pickle)."""
     from rescompile.api import inspect as inspect_model
 
-    report = inspect_model(
-        model,
-        _load_examples(example_file),
-        trust_pickle=trust_pickle,
-        importance=importance,
-        unit=unit,
-        calibration=calibration,
-        groups=groups,
-        **_capture(dynamic, dynamic_timeout),
-    )
+    with stage_progress(enabled=not quiet) as step:
+        step("loading and analysing the model")
+        report = inspect_model(
+            model,
+            _load_examples(example_file),
+            trust_pickle=trust_pickle,
+            importance=importance,
+            unit=unit,
+            calibration=calibration,
+            groups=groups,
+            **_capture(dynamic, dynamic_timeout),
+        )
+    written = _write_pictures(report, model.name, html_path, svg_path)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -213,6 +232,18 @@ def inspect(
             f"{len(opaque)} ops without an entry in the op table stopped the search (opaque, "
             f"not guessed through): {names}"
         )
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def _write_pictures(report, title: str, html_path: Path | None, svg_path: Path | None) -> list[Path]:
+    from rescompile.report import write_html, write_svg
+
+    if html_path is not None:
+        write_html(report, html_path, title)
+    if svg_path is not None:
+        write_svg(report, svg_path, title)
+    return [p for p in (html_path, svg_path) if p is not None]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -246,6 +277,10 @@ def _same_file(a: Path, b: Path) -> bool:
     "--dim", "dims", multiple=True, help="NAME=VALUE for a dynamic input dimension (for --validate)."
 )
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker on the output.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON summary: passes, params and MACs, seconds."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display on stderr.")
 @_calibration_option
 @_torch_options
 @click.pass_context
@@ -259,6 +294,8 @@ def apply(
     rtol: float,
     dims,
     no_check: bool,
+    as_json: bool,
+    quiet: bool,
     calibration: Path | None,
     trust_pickle: bool,
     example_file: Path | None,
@@ -268,31 +305,43 @@ def apply(
     """Rewrite MODEL with passes and write the result to OUTPUT.
 
     ONNX models give ONNX; torch programs (.pt2, or .pt/.pth with --trust-pickle)
-    give .pt2 or .onnx, chosen by OUTPUT's suffix."""
+    give .pt2 or .onnx, chosen by OUTPUT's suffix; a Hugging Face folder also gives a
+    folder (OUTPUT without a suffix) when the result is still its model class."""
     from rescompile.pipeline import PICKLE_SUFFIXES, PT2_SUFFIX, compile_model
     from rescompile.validation import Tolerance
 
     if _same_file(model, output) or _same_file(Path(str(model) + ".data"), Path(str(output) + ".data")):
         raise RescompileError(f"-o {output} would overwrite the input; choose another output path")
-    torch_input = model.suffix in (PT2_SUFFIX, *PICKLE_SUFFIXES)
+    from rescompile.frontends.hf_folder import is_folder_output, is_hf_folder
+
+    folder_input = is_hf_folder(model)
+    torch_input = folder_input or model.suffix in (PT2_SUFFIX, *PICKLE_SUFFIXES)
     allowed = (".pt2", ".onnx") if torch_input else (".onnx",)
-    if output.suffix not in allowed:
-        raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}")
-    compiled = compile_model(
-        model,
-        specs,
-        example_inputs=_load_examples(example_file),
-        trust_pickle=trust_pickle,
-        **_capture(dynamic, dynamic_timeout),
-        output=output,
-        check=not no_check,
-        verify_each_pass=ctx.obj["debug"],
-        validate=do_validate,
-        tolerance=Tolerance(atol, rtol),
-        dims=_parse_dims(dims),
-        calibration=calibration,
-        require_sites=True,
-    )
+    if output.suffix not in allowed and not (folder_input and is_folder_output(output)):
+        also = " or be a folder" if folder_input else ""
+        raise RescompileError(f"-o {output}: the output must end in {' or '.join(allowed)}{also}")
+    with stage_progress(enabled=not quiet) as step:
+        compiled = compile_model(
+            model,
+            specs,
+            example_inputs=_load_examples(example_file),
+            trust_pickle=trust_pickle,
+            **_capture(dynamic, dynamic_timeout),
+            output=output,
+            check=not no_check,
+            verify_each_pass=ctx.obj["debug"],
+            validate=do_validate,
+            tolerance=Tolerance(atol, rtol),
+            dims=_parse_dims(dims),
+            calibration=calibration,
+            require_sites=True,
+            progress=step,
+        )
+    if as_json:
+        click.echo(json.dumps(compiled.to_json(), indent=2))
+        if compiled.validation is not None and not compiled.validation.ok:
+            sys.exit(1)
+        return
     console = make_console()
     print_pass_stats(console, compiled)
     t = compiled.timings
@@ -320,8 +369,9 @@ def apply(
 def validate(
     original: Path, rewritten: Path, atol: float, rtol: float, dims, seed: int, as_json: bool
 ) -> None:
-    """Run ORIGINAL and REWRITTEN in ONNX Runtime on the same random inputs;
-    exit 0 when every output is within tolerance, 1 otherwise."""
+    """Run ORIGINAL and REWRITTEN in ONNX Runtime on the same random inputs (Hugging Face
+    folders or .pt2 in torch, on the first folder's example inputs); exit 0 when every
+    output is within tolerance, 1 otherwise."""
     from rescompile.api import validate as validate_models
 
     res = validate_models(original, rewritten, atol=atol, rtol=rtol, dims=_parse_dims(dims), seed=seed)
@@ -333,18 +383,35 @@ def validate(
 
 
 @cli.command(name="passes")
-def list_passes() -> None:
+@click.option(
+    "--markdown",
+    "markdown_path",
+    is_flag=False,
+    flag_value="docs/passes.md",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Write the passes' reference as Markdown to this file (alone: docs/passes.md).",
+)
+def list_passes(markdown_path: Path | None) -> None:
     """List every registered pass with its options."""
     from rich.table import Table
 
     from rescompile.infra import option_table
     from rescompile.passes import PASSES
 
+    if markdown_path is not None:
+        from rescompile.report import write_text
+        from rescompile.report.markdown import passes_markdown
+
+        write_text(markdown_path, passes_markdown(PASSES))
+        click.echo(f"wrote {markdown_path}")
+        return
+
     table = Table(title_justify="left", show_lines=True)
     for col in ("pass", "preserves function", "what it does", "options (default)"):
         table.add_column(col)
     for name, cls in PASSES.items():
-        preserves = "yes" if cls().preserves_function else "no"
+        preserves = "yes" if cls(**cls.required).preserves_function else "no"
         opts = "\n".join(f"{o['name']}={o['default']}  {o['help']}" for o in option_table(cls)) or "-"
         table.add_row(name, preserves + " (with defaults)", cls.summary, opts)
     make_console().print(table)

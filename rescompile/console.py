@@ -5,7 +5,37 @@ rich is imported lazily: `rescompile --help` and JSON output do not pay for it.
 
 from __future__ import annotations
 
+import contextlib
+
 __all__ = ["make_console", "site_table", "summary", "print_validation", "print_pass_stats"]
+
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool = True):
+    """Yield `step(description)`: a spinner on stderr naming the current stage, with the time
+    spent, for work that can take a while (loading, capture, each pass, calibration, export).
+    Shown only when stderr is a terminal; it leaves no trace in pipes, logs or `--json`."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        yield lambda description: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def step(description: str) -> None:
+            progress.update(task, description=description)
+
+        yield step
 
 
 def make_console():

@@ -173,6 +173,8 @@ class PassBase:
     summary: ClassVar[str]
     Options: ClassVar[type] = dataclasses.make_dataclass("Options", [])
     in_place: ClassVar[bool] = True
+    required: ClassVar[dict[str, Any]] = {}
+    """Options a spec must give (no default fits every model), with an example value for docs."""
     calibration: Any = None
     """Inputs for passes that measure the model (a list of batches, a file, or None for
     random inputs); the PassManager sets it from the pipeline's `calibration`."""
@@ -205,7 +207,8 @@ class PassBase:
     def probe(self, graph: Graph):
         """`probe(values, bypass=None)`: per calibration batch, the arrays of `values` computed by
         running `graph` (ONNX Runtime or torch, as the graph came in); see
-        `rescompile.frontends.probe`. The batches are drawn once per call of this method."""
+        `rescompile.frontends.probe`. The batches are drawn (or read) once per call of this method;
+        `run.batches` holds them, for a pass that hands them to another."""
         from rescompile.frontends.probe import calibration_batches, probe
 
         batches = calibration_batches(graph, self.calibration)
@@ -213,6 +216,7 @@ class PassBase:
         def run(values, bypass=None):
             return probe(graph, batches, values, bypass=bypass)
 
+        run.batches = batches
         return run
 
     def residuals(self, graph: Graph) -> ResidualAnalysis:
@@ -256,10 +260,18 @@ class PassManager:
     naming the pass, the passes that ran before it, the site where known and the reason.
     """
 
-    def __init__(self, passes: Sequence[PassBase], *, check: bool = True, calibration: Any = None) -> None:
+    def __init__(
+        self,
+        passes: Sequence[PassBase],
+        *,
+        check: bool = True,
+        calibration: Any = None,
+        progress: Any = None,
+    ) -> None:
         self.passes = list(passes)
         self.check = check
         self.calibration = calibration
+        self.progress = progress
         self.timings: dict[str, float] = {}
 
     @property
@@ -271,6 +283,8 @@ class PassManager:
         done: list[str] = []
         for i, pass_ in enumerate(self.passes):
             start = time.perf_counter()
+            if self.progress is not None:
+                self.progress(f"pass {i + 1}/{len(self.passes)}: {pass_.name}")
             if self.calibration is not None:
                 pass_.calibration = self.calibration
             try:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rescompile.analysis.cost import count_macs, count_params
 from rescompile.analysis.residuals import find_residuals
 from rescompile.errors import RescompileError
 from rescompile.infra import PassBase, PassManager, PassResult, parse_spec
@@ -59,8 +60,9 @@ def load(
 
     Args:
         model: an nn.Module, a `.pt2` path (torch.export.save), a `.pt`/`.pth`
-            path holding a pickled module (only with `trust_pickle`), an ONNX
-            path, an onnx.ModelProto or an onnx_ir.Model.
+            path holding a pickled module (only with `trust_pickle`), a Hugging Face
+            folder (config.json and safetensors; example inputs from its tokenizer or
+            config unless given), an ONNX path, an onnx.ModelProto or an onnx_ir.Model.
         example_inputs: for an nn.Module or a pickled module: a tensor, a tuple of
             positional inputs or a dict of keyword inputs.
         trust_pickle: allow unpickling a `.pt`/`.pth` file (unpickling runs code).
@@ -72,6 +74,8 @@ def load(
     if isinstance(model, Graph):
         return model
     capture = {k: v for k, v in (("dynamic", dynamic), ("dynamic_timeout", dynamic_timeout)) if v is not None}
+    if _is_hf_folder(model):
+        model, example_inputs, example_kwargs = _open_folder(model, example_inputs, example_kwargs)
     if is_torch_module(model):
         from rescompile.frontends.torch import import_module
 
@@ -96,6 +100,22 @@ def load(
     from rescompile.frontends.onnx import load_onnx
 
     return load_onnx(model)
+
+
+def _is_hf_folder(model: Any) -> bool:
+    from rescompile.frontends.hf_folder import is_hf_folder
+
+    return is_hf_folder(model)
+
+
+def _open_folder(folder: Any, example_inputs: Any, example_kwargs: dict | None) -> tuple[Any, Any, Any]:
+    """The folder's model, with its own example inputs unless the caller gave some."""
+    from rescompile.frontends.hf_folder import load_folder
+
+    model, inputs = load_folder(folder)
+    if example_inputs is None and example_kwargs is None:
+        example_kwargs = inputs
+    return model, example_inputs, example_kwargs
 
 
 def must_exist(path: Path) -> None:
@@ -150,6 +170,28 @@ class CompileResult:
     timings: dict[str, float]
     output: Any
     validation: ValidationResult | None = None
+    before: dict[str, int] = dataclasses.field(default_factory=dict)  # params, macs of the input
+    after: dict[str, int] = dataclasses.field(default_factory=dict)  # and of the result
+
+    def to_json(self) -> dict:
+        """The machine-readable summary `apply --json` prints."""
+        return {
+            "passes": [
+                {
+                    "pass": repr(p),
+                    "stats": self.result.stats.get(f"{i}:{p.name}", {}),
+                    "seconds": self.pass_timings.get(f"{i}:{p.name}"),
+                }
+                for i, p in enumerate(self.passes)
+            ],
+            "preserves_function": self.preserves_function,
+            "params": {"before": self.before.get("params"), "after": self.after.get("params")},
+            "macs": {"before": self.before.get("macs"), "after": self.after.get("macs")},
+            "nodes": len(self.graph),
+            "seconds": dict(self.timings),
+            "output": str(self.output) if isinstance(self.output, (str, os.PathLike)) else None,
+            "validation": self.validation.to_json() if self.validation is not None else None,
+        }
 
     @property
     def preserves_function(self) -> bool:
@@ -174,6 +216,7 @@ def compile_model(
     dims: Mapping[str, int] | None = None,
     calibration: Any = None,
     require_sites: bool = False,
+    progress: Any = None,
 ) -> CompileResult:
     """Load `model`, run `passes`, export, and optionally validate against the input.
 
@@ -181,7 +224,8 @@ def compile_model(
         model, example_inputs, example_kwargs, trust_pickle, dynamic, dynamic_timeout: see `load`.
         passes: spec strings or pass objects, run in order, each in a transaction.
         output: write here (ONNX: atomically, with external data as the input had;
-            torch graphs: `.pt2` or `.onnx` by suffix); None returns the exported object.
+            torch graphs: `.pt2` or `.onnx` by suffix; a Hugging Face model or folder: also a
+            folder, when every pass keeps the model its class); None returns the exported object.
         check: run onnx.checker on a written ONNX file before it is moved into place.
         verify_each_pass: verify the IR after every pass (it is always verified at the end).
         validate: compare the result with the input (ONNX Runtime for ONNX, torch for
@@ -191,14 +235,23 @@ def compile_model(
         calibration: inputs for passes that measure the model (drop, prune's activation
             importance): a list of batches (tuples of positional inputs or dicts by input
             name) or a file (`torch.save`d list, or `.npz` named by input); default random.
+        progress: called with a short description as each stage starts (the CLI shows it).
         require_sites: a pass that rewrites residual sites finding none is an error (the CLI),
             not a no-op with a warning; log records of the passes are held until they succeed.
     """
     built = build_passes(passes)  # a bad spec fails before a large model is loaded
     from rescompile.frontends import is_torch_graph
 
+    step = progress or (lambda description: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    step("loading the model")
+    folder = Path(model) if _is_hf_folder(model) else None
+    if folder is not None:
+        model, example_inputs, example_kwargs = _open_folder(folder, example_inputs, example_kwargs)
+    to_folder = output is not None and _is_folder_output(model, output)
+    if to_folder:
+        _check_folder_output(model, built, Path(output))
     graph = load(
         model,
         example_inputs,
@@ -208,9 +261,10 @@ def compile_model(
         dynamic_timeout=dynamic_timeout,
     )
     timings["load"] = time.perf_counter() - t0
+    before = {"params": count_params(graph), "macs": count_macs(graph, dims)}
     # Modules are exported from the graph only after the passes: keep the reference now.
     t0 = time.perf_counter()
-    manager = PassManager(built, check=verify_each_pass, calibration=calibration)
+    manager = PassManager(built, check=verify_each_pass, calibration=calibration, progress=step)
     with _held_logs(require_sites):
         result = manager(graph)
         if require_sites and not result.modified:
@@ -218,12 +272,16 @@ def compile_model(
     verify(graph)
     timings["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exported = _export(graph, output, check)
-    if output is None and built and all(getattr(p, "keeps_model_class", False) for p in built):
+    exported = _export(graph, None if to_folder else output, check)
+    if to_folder:
+        exported = _save_folder(model, graph, exported, tolerance, Path(output), folder)
+    elif output is None and built and all(getattr(p, "keeps_model_class", False) for p in built):
         exported = _same_class(model, graph, exported, tolerance)
     timings["export"] = time.perf_counter() - t0
-    compiled = CompileResult(graph, built, result, dict(manager.timings), timings, exported)
+    compiled = CompileResult(graph, built, result, dict(manager.timings), timings, exported, before=before)
+    compiled.after = {"params": count_params(graph), "macs": count_macs(graph, dims)}
     if validate and (compiled.preserves_function or compare_with_changed):
+        step("validating against the input")
         t0 = time.perf_counter()
         compiled.validation = _validate(
             model,
@@ -309,25 +367,67 @@ def _same_class(model: Any, graph: Graph, exported: Any, tolerance: Tolerance) -
     """For a Hugging Face model and passes that keep a model its own class (drop of whole
     layers): the rebuilt model of that class, checked to compute what the graph does; else,
     with one warning saying why, the exported GraphModule."""
-    from rescompile.frontends.hf import NotSameClass, is_hf_model, rebuild
+    from rescompile.frontends.hf import NotSameClass, is_hf_model
 
     if not is_hf_model(model):
         return exported
-    from rescompile.frontends.torch import compare_modules, example_inputs_of
-
     try:
-        rebuilt = rebuild(model, graph)
-        args, kwargs = example_inputs_of(graph)
-        check = compare_modules(
-            exported, rebuilt, args, kwargs=kwargs, atol=tolerance.atol, rtol=tolerance.rtol
-        )
-        if not check.ok:
-            name = type(model).__name__
-            raise NotSameClass(f"the rebuilt {name} differs from the graph ({check.max_abs:.3g})")
+        return _rebuilt(model, graph, exported, tolerance)
     except NotSameClass as exc:
         logger.warning("returning a GraphModule, not a %s: %s", type(model).__name__, exc)
         return exported
+
+
+def _rebuilt(model: Any, graph: Graph, exported: Any, tolerance: Tolerance) -> Any:
+    """The graph as `model`'s class, checked to compute what the graph does (or NotSameClass)."""
+    from rescompile.frontends.hf import NotSameClass, rebuild
+    from rescompile.frontends.torch import compare_modules, example_inputs_of
+
+    rebuilt = rebuild(model, graph)
+    args, kwargs = example_inputs_of(graph)
+    check = compare_modules(exported, rebuilt, args, kwargs=kwargs, atol=tolerance.atol, rtol=tolerance.rtol)
+    if not check.ok:
+        name = type(model).__name__
+        raise NotSameClass(f"the rebuilt {name} differs from the graph ({check.max_abs:.3g})")
     return rebuilt
+
+
+def _is_folder_output(model: Any, output: str | os.PathLike) -> bool:
+    if not is_torch_module(model):
+        return False  # NOTE: frontends.hf imports torch, which ONNX work never does
+    from rescompile.frontends.hf import is_hf_model
+    from rescompile.frontends.hf_folder import is_folder_output
+
+    return is_hf_model(model) and is_folder_output(output)
+
+
+def _check_folder_output(model: Any, passes: Sequence[PassBase], output: Path) -> None:
+    """Before any work: a folder holds the input's class, which some passes do not keep."""
+    from rescompile.frontends.hf_folder import check_output_folder
+
+    changing = [p.name for p in passes if not getattr(p, "keeps_model_class", False)]
+    if changing:
+        raise RescompileError(
+            f"-o {output}: after {', '.join(changing)} the result is no longer a {type(model).__name__}: "
+            "write .pt2 or .onnx"
+        )
+    check_output_folder(output)
+
+
+def _save_folder(
+    model: Any, graph: Graph, exported: Any, tolerance: Tolerance, output: Path, source: Path | None
+) -> Path:
+    from rescompile.frontends.hf import NotSameClass
+    from rescompile.frontends.hf_folder import save_folder
+
+    try:
+        rebuilt = _rebuilt(model, graph, exported, tolerance)
+    except NotSameClass as exc:
+        raise RescompileError(
+            f"-o {output}: the result is no longer a {type(model).__name__} ({exc}): write .pt2 or .onnx"
+        ) from exc
+    save_folder(rebuilt, output, source)
+    return output
 
 
 def _validate(

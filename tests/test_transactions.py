@@ -50,8 +50,14 @@ CASES = [
     ("gpt2", [], "drop:n=1,replace=linear"),
     ("gpt2", [], "parallel:c=0.5,learnable=true"),
     ("gpt2", [], "parallel:shared_norm=true"),
+    ("gpt2", [], "macaron"),
+    ("gpt2", [], "loop:n=3"),
+    ("llama", [], "fuse"),
     ("gpt2", [], "shallow"),
+    ("gpt2", [], "ladder:c=0.5,learnable=true"),
+    ("gpt2", [], "rk2:method=heun,scope=layer,learnable=true"),
     ("gpt2", [], "prune:ratio=0.3"),
+    ("gpt2", [], "compress:params=0.8,importance=l2,step=0.25"),
     ("residual_cnn", [], "prune:ratio=0.3,uniform=true"),
 ]
 
