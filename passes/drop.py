@@ -202,8 +202,31 @@ class DropPass(PassBase):
 
 
 def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> list[UnitScore]:
-    """Every unit's score under `metric` (what `inspect --importance` prints)."""
-    return score_units(units, metric, probe, channel_axis=channel_axis, run=run, outputs=list(graph.outputs))
+    """Every unit's score under `metric` (what `inspect --importance` prints); padding tokens of
+    batches with an `attention_mask` are left out of per-token averages."""
+    masks = [_attention_mask(b) for b in getattr(probe, "batches", ())]
+    return score_units(
+        units,
+        metric,
+        probe,
+        channel_axis=channel_axis,
+        run=run,
+        outputs=list(graph.outputs),
+        token_masks=masks,
+    )
+
+
+def _attention_mask(batch) -> np.ndarray | None:
+    """The batch's `attention_mask` as numpy, if it has one by that name."""
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+    elif isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        mask = batch[1].get("attention_mask")  # torch (args, kwargs)
+    else:
+        mask = None
+    if mask is None:
+        return None
+    return np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
 
 
 def _runs(units: list[DepthUnit]) -> list[list[DepthUnit]]:

@@ -316,3 +316,26 @@ def test_replace_linear_is_refused_where_a_projection_keeps_its_shortcut():
         rescompile.apply(
             case.module, ["drop:n=1,metric=norm,replace=linear,unit=branch"], case.args, dynamic=False
         )
+
+
+def test_padding_tokens_do_not_count():
+    """A padded batch scores like the same sentences run one by one without padding."""
+    case = bert(layers=2)
+    ids = torch.randint(1, 101, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    alone = [
+        {"input_ids": ids[:1], "attention_mask": mask[:1]},
+        {"input_ids": ids[1:, :5], "attention_mask": mask[1:, :5]},
+    ]
+    scores = [
+        [
+            s.score
+            for s in rescompile.inspect(
+                case.module, example_kwargs=case.kwargs, importance="bi", calibration=c
+            ).importance
+        ]
+        for c in (padded, alone)
+    ]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)

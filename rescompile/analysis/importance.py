@@ -216,10 +216,14 @@ def score_units(
     channel_axis: Callable[[Value], int],
     run: int = 1,
     outputs: Sequence[Value] = (),
+    token_masks: Sequence[np.ndarray | None] = (),
 ) -> list[UnitScore]:
     """Each unit's score (for `angular` with run > 1: the run starting at the unit; units
     that start no full run of their stream score inf). `greedy` scores each unit alone,
-    against the model's `outputs`. Per-token metrics compare vectors along `channel_axis(v)`."""
+    against the model's `outputs`. Per-token metrics compare vectors along `channel_axis(v)`;
+    `token_masks[b]` (batch b's attention mask, 1 for real tokens) leaves padding out of the
+    average where its size matches the tokens of a value (a padded batch would otherwise weigh
+    in positions no sentence has)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
     if metric == "greedy":
@@ -239,8 +243,9 @@ def score_units(
     axes = [channel_axis(v) for v in values]
     sums = np.zeros(len(pairs))
     counts = np.zeros(len(pairs))
-    for arrays in probe(values):
+    for b, arrays in enumerate(probe(values)):
         flat = [_channels_last(a, ax) for a, ax in zip(arrays, axes)]
+        mask = token_masks[b] if b < len(token_masks) else None
         for i, (a, b) in enumerate(pairs):
             if a is None:
                 continue
@@ -255,8 +260,11 @@ def score_units(
                 part = 1.0 - _cosine(x, y)
             else:
                 part = np.arccos(_cosine(x, y)) / np.pi
-            sums[i] += part.sum()
-            counts[i] += part.size
+            weight = (
+                mask.reshape(-1).astype(np.float64) if mask is not None and mask.size == part.size else None
+            )
+            sums[i] += part.sum() if weight is None else (part * weight).sum()
+            counts[i] += part.size if weight is None else weight.sum()
     scores = [float(s / c) if c and np.isfinite(s) else float("inf") for s, c in zip(sums, counts)]
     return [UnitScore(u, s) for u, s in zip(units, scores)]
 
