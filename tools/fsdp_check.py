@@ -3,10 +3,9 @@ shards it with `torch.distributed.fsdp.fully_shard` (gloo, CPU, localhost) and t
 steps on its own batches. FSDP averages gradients over the ranks, so the result must equal
 single-process training whose loss is the mean of both ranks' losses (`train_single`).
 
-NOTE: fully_shard refuses 0-d parameters ("fully_shard doesn't support scalar parameters"), and
-rescompile's gates (gate's b, rezero's alpha, hyper's scales) are 0-d. With `scalars="replicate"`
-they are left out of sharding (`ignored_params`) and their gradients averaged by hand, as DDP
-would; `scalars="shard"` hands them to fully_shard and shows the refusal."""
+fully_shard refuses 0-d parameters ("fully_shard doesn't support scalar parameters"); rescompile
+stores its trainable scalars (gate's b, rezero's alpha, hyper's scales) with shape (1,), so every
+parameter is sharded as it is."""
 
 from __future__ import annotations
 
@@ -57,9 +56,7 @@ def train_single(spec: str, world: int = 2) -> dict:
     return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
 
-def worker(
-    rank: int, world: int, port: int, out_dir: str, specs: list[str], scalars: str = "replicate"
-) -> None:
+def worker(rank: int, world: int, port: int, out_dir: str, specs: list[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -72,17 +69,13 @@ def worker(
         for spec in specs:
             model = rewritten(spec)
             initial = {k: v.detach().clone() for k, v in model.named_parameters()}
-            replicated = {p for p in model.parameters() if p.dim() == 0} if scalars == "replicate" else set()
-            fully_shard(model, mesh=mesh, ignored_params=replicated)
+            fully_shard(model, mesh=mesh)
             opt = torch.optim.SGD(model.parameters(), lr=LR)
             losses = []
             for ids, target in batches(rank):
                 loss = loss_of(model, ids, target)
                 opt.zero_grad()
                 loss.backward()
-                for p in replicated:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
                 opt.step()
                 mean = loss.detach().clone()
                 dist.all_reduce(mean)

@@ -445,7 +445,12 @@ class Graph:
 
     # ----- convenience -----------------------------------------------------------
     def add_param(self, name: str, payload: Any, *, dtype: str, trainable: bool = True) -> Value:
-        """Create and register a new initializer holding `payload` (e.g. a numpy array)."""
+        """Create and register a new initializer holding `payload` (e.g. a numpy array).
+
+        A trainable scalar is stored with shape (1,): it broadcasts the same, and FSDP2's
+        `fully_shard` refuses 0-d parameters."""
+        if trainable and getattr(payload, "ndim", None) == 0 and hasattr(payload, "reshape"):
+            payload = payload.reshape(1)
         shape = tuple(int(d) for d in getattr(payload, "shape", ()))
         return self.add_initializer(
             Value(name, dtype=dtype, shape=shape, payload=payload, role=PARAM if trainable else CONST)
