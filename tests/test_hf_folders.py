@@ -50,7 +50,7 @@ def outputs(model, tokenizer) -> tuple[torch.Tensor, ...]:
     return out.last_hidden_state, out.pooler_output
 
 
-def assert_reloads_as_in_memory(minilm: Path, spec: str, out: Path, capsys, refusal_xfails=False) -> None:
+def assert_reloads_as_in_memory(minilm: Path, spec: str, out: Path, capsys) -> None:
     """`apply FOLDER -o DIR` against `rescompile.apply` on the loaded model: same class, same outputs,
     and different from the original (the comparison could fail)."""
     from transformers import AutoModel, AutoTokenizer
@@ -58,8 +58,6 @@ def assert_reloads_as_in_memory(minilm: Path, spec: str, out: Path, capsys, refu
     before = snapshot(minilm)
     code = main(["apply", str(minilm), "-p", spec, "-o", str(out), "--static"])
     err = capsys.readouterr().err
-    if refusal_xfails and code == 2 and "the result is no longer a BertModel" in err:
-        pytest.xfail(err.strip())
     assert code == 0, err
     assert snapshot(minilm) == before  # loading never touches the folder
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".rescompile-")]
@@ -88,21 +86,22 @@ def test_drop_to_folder_reloads_as_in_memory(minilm, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
 
 
-# NOTE: the issue's spec prunes heads too, which a BertConfig cannot say at the same hidden size
-# (frontends/hf.py refuses with a reason): that case xfails on exactly this refusal; the MLP-only
-# spec must pass.
-@pytest.mark.parametrize(
-    ("spec", "refusal_xfails"),
-    [("prune:ratio=0.2,uniform=true", True), ("prune:ratio=0.2,uniform=true,target=mlp", False)],
-)
-def test_uniform_prune_to_folder_reloads_as_in_memory(minilm, tmp_path, capsys, spec, refusal_xfails):
-    from rescompile.passes import PrunePass
-
-    if not getattr(PrunePass(uniform=True), "keeps_model_class", False):
-        pytest.xfail("uniform prune does not yet return the HF class (keeps_model_class)")
+def test_uniform_prune_to_folder_reloads_as_in_memory(minilm, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert_reloads_as_in_memory(minilm, spec, out, capsys, refusal_xfails)
+    assert_reloads_as_in_memory(minilm, "prune:ratio=0.2,uniform=true,target=mlp", out, capsys)
     assert json.loads((out / "config.json").read_text())["intermediate_size"] < 1536
+
+
+def test_uniform_head_pruning_says_the_config_cannot_describe_it(minilm, tmp_path, capsys):
+    """Pruning heads too keeps hidden_size, and BertConfig derives the head size from
+    hidden_size / num_attention_heads: the result is no longer a BertModel, so a folder is
+    refused in one line (nothing written) and .onnx works."""
+    spec = "prune:ratio=0.2,uniform=true"
+    code = main(["apply", str(minilm), "-p", spec, "-o", str(tmp_path / "pruned"), "--static"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "no longer a BertModel" in lines[0], lines
+    assert not (tmp_path / "pruned").exists()
+    assert main(["apply", str(minilm), "-p", spec, "-o", str(tmp_path / "pruned.onnx"), "--static"]) == 0
 
 
 def test_rezero_to_folder_is_refused_in_one_line(minilm, tmp_path, capsys):
