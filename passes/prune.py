@@ -21,8 +21,9 @@ compare, and the lowest go first until `ratio` of the prunable parameters is rem
 `refit` then re-fits each reader y = x W (+ b) so that its output on the calibration activations
 matches the unpruned one: `bias` moves the removed channels' mean contribution mean(x_R) W_R into b
 (FLAP; An et al. 2024, arXiv 2312.11983); `least_squares` re-solves the kept rows,
-W'_K = (X_K^T X_K + lambda I)^-1 X_K^T X W, from Gram matrices summed batch by batch (Channel
-Pruning, He et al. 2017, arXiv 1707.06168; ThiNet, Luo et al. 2017, arXiv 1707.06342).
+W'_K = (X_K^T X_K + lambda I)^-1 (X_K^T X W + lambda W_K), shrunk toward the kept rows, from
+Gram matrices summed batch by batch (Channel Pruning, He et al. 2017, arXiv 1707.06168; ThiNet,
+Luo et al. 2017, arXiv 1707.06342).
 """
 
 from __future__ import annotations
@@ -422,8 +423,12 @@ class _Fit:
             shift = (self.removed_sum / max(self.rows, 1)) @ weight[self.removed]
             graph.set_payload(self.bias, _like(self.bias.payload, _array(self.bias) + shift))
             return
+        # Ridge toward the kept rows as they are, not toward zero: directions the calibration
+        # rows never span (fewer rows than kept inputs) keep their trained weights instead of
+        # being zeroed, which overfit the calibration set (MiniLM: 0.82 -> 0.25 similarity).
         ridge = _RIDGE * max(float(np.trace(self.gram)) / len(self.kept), 1e-30)
-        solved = np.linalg.solve(self.gram + ridge * np.eye(len(self.kept)), self.cross)
+        kept = weight[self.kept]
+        solved = np.linalg.solve(self.gram + ridge * np.eye(len(self.kept)), self.cross + ridge * kept)
         if self.error(solved) > self.error(weight[self.kept]):
             return  # the ridge term cost more than the refit gained: never worse than pruning alone
         weight[self.kept] = solved

@@ -54,3 +54,27 @@ def test_drops_a_block_that_does_almost_nothing_before_pruning_width():
 def test_bad_budgets_are_refused(spec, message):
     with pytest.raises(RescompileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         compile_model(str(cached_onnx("gpt2")), [spec])
+
+
+def test_measures_after_removing_a_last_post_norm_layer():
+    """Dropping BERT's last layer leaves an Identity as the model output; the next measurement
+    must find it in the exported module (it is named as its IR node)."""
+    from tools.models import bert
+
+    case = bert(layers=3)
+    with torch.no_grad():  # make the last layer the cheapest to drop
+        for linear in (
+            case.module.encoder.layer[2].attention.output.dense,
+            case.module.encoder.layer[2].output.dense,
+        ):
+            linear.weight.mul_(1e-4)
+            linear.bias.zero_()
+    result = compile_model(
+        case.module,
+        ["compress:params=0.8,importance=l2,step=0.25"],
+        example_kwargs=case.kwargs,
+        dynamic=False,
+    )
+    plan = result.result.stats["0:compress"]["plan"]
+    assert plan[0]["action"] == "drop encoder.layer.2", plan
+    assert result.result.stats["0:compress"]["left"] <= 0.8

@@ -716,7 +716,8 @@ def export_module(graph: Graph) -> fx.GraphModule:
                 else x
                 for i, (v, x) in enumerate(zip(node.inputs, ins))
             )
-            fx_node = fxg.call_function(CORE_OPS[node.op_type], args, attrs)
+            # named as the IR node, so probes and readers of the exported graph find it
+            fx_node = fxg.create_node("call_function", CORE_OPS[node.op_type], args, attrs, name=node.name)
         else:
             raise RescompileError(
                 f"node {node.name!r} ({node.domain or 'onnx'}::{node.op_type}) has no torch "
