@@ -78,7 +78,7 @@ class CompressPass(PassBase):
         return True  # whole blocks and uniform widths: a config can describe the result
 
     def call(self, graph: Graph) -> PassResult:
-        self._refit = "least_squares" if self.calibration is not None else "none"  # as prune's auto
+        self._refit = "none"  # as prune's auto: least_squares overfits small calibration sets
         probe = self.probe(graph)
         self.calibration = probe.batches  # the same batches for every measurement and for prune
         outputs = list(graph.outputs)

@@ -2,7 +2,7 @@
 
 Each benchmark writes tools/bench/results/<name>.md with the command that
 produced it; this script runs them in order and concatenates the results.
-Usage: python tools/bench/run.py [--only compile,scaling,torchpath,runtime,hyper,drop | none]
+Usage: python tools/bench/run.py [--only compile,scaling,torchpath,runtime,hyper,drop,prune | none]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-ORDER = ["compile", "scaling", "torchpath", "runtime", "hyper", "drop"]
+ORDER = ["compile", "scaling", "torchpath", "runtime", "hyper", "drop", "prune"]
 
 HEADER = """# Benchmarks
 
