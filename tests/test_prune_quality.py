@@ -5,7 +5,9 @@
 - taylor: |w * dL/dw| from plain torch autograd; refused on ONNX.
 - refit: where the pruned channels are linear combinations of the kept ones, least squares gives
   back the original function; on GPT-2 refit never increases any reader's calibration error; both
-  frontends refit alike.
+  frontends refit alike; with fewer calibration rows than kept channels the ridge chosen on
+  held-out rows does better on fresh inputs than no refit, where a tiny fixed ridge does worse;
+  padding rows (attention_mask 0) count in neither scores nor fits; refit=bias adds a bias.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ def test_taylor_is_weight_times_gradient():
         by_hidden_index(group, plan.scores[group.index], "fc1.weight"), want.numpy(), rtol=1e-4
     )
     assert all(p.grad is None for p in model.parameters())  # the user's model is left alone
+    with torch.no_grad():  # inference code often prunes under no_grad: the scores must not change
+        plan_ng, group_ng = planned(
+            load(model, calib[0]), calib, importance="taylor", ratio=0.5, uniform=True
+        )
+    np.testing.assert_allclose(plan_ng.scores[group_ng.index], plan.scores[group.index], rtol=1e-6)
 
 
 def test_taylor_is_refused_on_onnx():
@@ -161,6 +168,16 @@ def test_least_squares_restores_a_redundant_layer(frontend, tmp_path):
         assert_close(run("least_squares"), want, EXACT)
 
 
+def test_least_squares_with_one_calibration_batch_holds_out_half_its_rows():
+    model, x = redundant_mlp(), torch.randn(32, 8)
+    calib = batches(count=1, rows=64)
+    spec = ["prune:ratio=0.5,uniform=true,refit=least_squares"]
+    result = compile_model(copy.deepcopy(model), spec, example_inputs=calib[0], calibration=calib)
+    assert result.result.stats["0:prune"]["refit_chosen"] not in ({}, {"none": 1})
+    with torch.no_grad():
+        assert_close(result.output(x), model(x), EXACT)
+
+
 def test_refit_never_increases_a_readers_calibration_error():
     """Per reader of a pruned group: ||X W + b - (X_kept W' + b')||^2 on the calibration batches,
     with X the original model's activations and W', b' read from each pruned graph."""
@@ -202,29 +219,155 @@ def test_refit_never_increases_a_readers_calibration_error():
     assert total["least_squares"] < 0.9 * total["none"]
 
 
-def test_both_frontends_refit_alike():
+def gpt2_with_biases():
+    """GPT-2 with random (not zero) biases: an exporter may drop a zero bias, and the refit fits an
+    intercept only into a bias the reader has."""
     case = gpt2(layers=2)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in case.module.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return case
+
+
+def test_both_frontends_refit_alike(tmp_path):
+    case = gpt2_with_biases()
+    path = export_onnx(case, tmp_path / "gpt2.onnx")
     spec = ["prune:ratio=0.5,uniform=true,importance=activation,refit=least_squares"]
-    a = compile_model(case.module, spec, example_kwargs=case.kwargs, calibration=gpt2_calibration(False))
-    b = compile_model(str(cached_onnx("gpt2")), spec, calibration=gpt2_calibration(True))
-    assert a.result.stats["0:prune"]["refit"] == b.result.stats["0:prune"]["refit"] == "least_squares"
-    onnx_weights = {v.name: v for v in b.graph.initializers.values()}
-    for name in ("h.0.mlp.c_proj.weight", "h.1.attn.c_proj.weight"):
+    a = compile_model(
+        copy.deepcopy(case.module), spec, example_kwargs=case.kwargs, calibration=gpt2_calibration(False)
+    )
+    b = compile_model(str(path), spec, calibration=gpt2_calibration(True))
+    stats = a.result.stats["0:prune"], b.result.stats["0:prune"]
+    assert stats[0]["refit"] == stats[1]["refit"] == "least_squares"
+    assert stats[0]["refit_chosen"] == stats[1]["refit_chosen"]  # the same ridge, reader by reader
+    assert "none" not in stats[0]["refit_chosen"]
+    onnx_weights = {v.name.removeprefix("module."): v for v in b.graph.initializers.values()}
+    for name in ("h.0.mlp.c_proj.weight", "h.1.attn.c_proj.weight", "h.0.mlp.c_proj.bias"):
         mine = numpy_of(a.graph.initializers[name].payload)
-        np.testing.assert_allclose(
-            mine, numpy_of(onnx_weights[f"module.{name}"].payload), rtol=1e-3, atol=1e-5
-        )
+        np.testing.assert_allclose(mine, numpy_of(onnx_weights[name].payload), rtol=1e-3, atol=1e-5)
         assert not np.allclose(mine, case.module.state_dict()[name].numpy()[: len(mine)])  # refitted
 
 
-def test_refit_defaults_to_none_with_or_without_calibration():
-    """least_squares overfit MiniLM's 64 calibration sentences (tools/bench/prune.py): opt in."""
+def test_refit_defaults_to_least_squares_only_with_calibration():
+    """auto: least_squares on the user's calibration data; random inputs are not worth fitting."""
     model = Mlp().eval()
-    for calibration in (None, batches()):
+    for calibration, want in ((None, "none"), (batches(), "least_squares")):
         result = compile_model(
             model, ["prune:ratio=0.5"], example_inputs=batches()[0], calibration=calibration
         )
-        assert result.result.stats["0:prune"]["refit"] == "none"
+        assert result.result.stats["0:prune"]["refit"] == want
+
+
+def wide_gelu_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+
+
+def test_ridge_chosen_on_held_out_rows_does_not_overfit_few_rows():
+    """24 calibration rows for 32 kept hidden units: a near-interpolating fit (the old ridge of
+    1e-6 x the mean diagonal, computed here in numpy) is worse on fresh inputs than no refit at
+    all; least_squares, with its ridge chosen on held-out calibration rows, is better than both."""
+    model = wide_gelu_mlp()
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(12, 16, generator=gen),) for _ in range(2)]
+    fresh = torch.randn(2000, 16, generator=gen)
+    with torch.no_grad():
+        want = model(fresh).double().numpy()
+        hidden = torch.cat([model[1](model[0](x)) for (x,) in calib]).double().numpy()
+        hidden_fresh = model[1](model[0](fresh)).double().numpy()
+    w1, b1, w2 = (t.detach().double().numpy() for t in (model[0].weight, model[0].bias, model[2].weight))
+    kept = np.sort(np.argsort((w1**2).sum(1) + b1**2 + (w2**2).sum(0))[32:])  # l2 keeps these
+    gram, target = hidden[:, kept].T @ hidden[:, kept], hidden @ w2.T
+    ridge = 1e-6 * np.trace(gram) / len(kept)
+    tiny = np.linalg.solve(gram + ridge * np.eye(len(kept)), hidden[:, kept].T @ target + ridge * w2.T[kept])
+
+    def fresh_error(w):
+        return float(((hidden_fresh @ w2.T - hidden_fresh[:, kept] @ w) ** 2).sum())
+
+    assert fresh_error(tiny) > 1.2 * fresh_error(w2.T[kept])  # interpolation overfits here
+    errors = {}
+    for refit in ("none", "least_squares"):
+        spec = f"prune:ratio=0.5,uniform=true,importance=l2,refit={refit}"
+        pruned = rescompile.apply(copy.deepcopy(model), [spec], calib[0], calibration=calib)
+        with torch.no_grad():
+            errors[refit] = float(((pruned(fresh).double().numpy() - want) ** 2).sum())
+    np.testing.assert_allclose(errors["none"], fresh_error(w2.T[kept]), rtol=1e-4)  # the same units
+    assert errors["least_squares"] < 0.8 * errors["none"]
+
+
+class MaskedMlp(torch.nn.Module):
+    """Padding positions (attention_mask 0) never reach the output."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8, bias=bias)
+
+    def forward(self, x, attention_mask):
+        return self.fc2(torch.relu(self.fc1(x))) * attention_mask.unsqueeze(-1)
+
+
+def padded_batches() -> list[dict]:
+    """Two batches of 3 sequences of 6 positions; the padding positions hold huge values."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for lengths in ((6, 4, 2), (5, 3, 1)):
+        x = torch.randn(3, 6, 8, generator=gen)
+        mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).long()
+        garbage = 1e3 * torch.randn(3, 6, 8, generator=gen)
+        out.append({"x": torch.where(mask.bool()[..., None], x, garbage), "attention_mask": mask})
+    return out
+
+
+def real_hidden(model, calib) -> np.ndarray:
+    with torch.no_grad():
+        rows = [torch.relu(model.fc1(b["x"]))[b["attention_mask"].bool()] for b in calib]
+    return torch.cat(rows).double().numpy()
+
+
+def test_padding_rows_are_ignored():
+    """Scores and the bias refit come from the real tokens' rows only (hand-computed here)."""
+    torch.manual_seed(0)
+    model, calib = MaskedMlp().eval(), padded_batches()
+    hidden = real_hidden(model, calib)
+    graph = load(model, None, example_kwargs=calib[0])
+    plan, group = planned(graph, calib, importance="activation", ratio=0.5, uniform=True)
+    w2 = model.fc2.weight.double().detach().numpy()
+    want = np.abs(hidden).mean(0) * np.linalg.norm(w2, axis=0)
+    np.testing.assert_allclose(
+        by_hidden_index(group, plan.scores[group.index], "fc1.weight"), want, rtol=1e-5
+    )
+    gone = sorted(np.argsort(want)[:8].tolist())
+    spec = ["prune:ratio=0.5,uniform=true,importance=activation,refit=bias"]
+    result = compile_model(copy.deepcopy(model), spec, example_kwargs=calib[0], calibration=calib)
+    shift = hidden[:, gone].mean(0) @ w2[:, gone].T
+    np.testing.assert_allclose(
+        numpy_of(result.graph.initializers["fc2.bias"].payload),
+        model.fc2.bias.double().detach().numpy() + shift,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_bias_refit_adds_a_bias_where_the_reader_has_none():
+    """FLAP's compensation on a reader without a bias: a new bias after it, the mean of what the
+    removed channels contributed (hand-computed)."""
+    torch.manual_seed(0)
+    model, calib = MaskedMlp(bias=False).eval(), padded_batches()
+    hidden = real_hidden(model, calib)
+    w2 = model.fc2.weight.double().detach().numpy()
+    spec = ["prune:ratio=0.5,uniform=true,importance=activation,refit=bias"]
+    result = compile_model(copy.deepcopy(model), spec, example_kwargs=calib[0], calibration=calib)
+    assert "refit_refused" not in result.result.stats["0:prune"]
+    gone = sorted(np.argsort(np.abs(hidden).mean(0) * np.linalg.norm(w2, axis=0))[:8].tolist())
+    kept = [k for k in range(16) if k not in gone]
+    x, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        got = result.output(x=x, attention_mask=mask).double().numpy()
+        h = torch.relu(model.fc1(x)).double().numpy()
+    want = h[..., kept] @ w2[:, kept].T + hidden[:, gone].mean(0) @ w2[:, gone].T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("frontend", ["torch", "onnx"])

@@ -266,18 +266,21 @@ def gradients(graph: Graph, batches: Sequence[Batch], names: Sequence[str]) -> d
     try:
         for t in frozen:
             t.requires_grad_(True)
-        for batch in batches:
-            args, kwargs = batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
-            out = module(*args, **kwargs)
-            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-            if loss is None:
-                leaves = [
-                    x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                ]
-                loss = sum((x.float() ** 2).sum() for x in leaves)
-            for acc, grad in zip(total, torch.autograd.grad(loss, tensors, allow_unused=True)):
-                if grad is not None:
-                    acc += grad.detach().double()
+        # Callers often run passes under torch.no_grad() (inference code): gradients need it on.
+        with torch.enable_grad():
+            for batch in batches:
+                torch_call = isinstance(batch, _TorchCall)
+                args, kwargs = batch if torch_call else normalize_example_inputs(batch, None)
+                out = module(*args, **kwargs)
+                loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+                if loss is None:
+                    leaves = [
+                        x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                    ]
+                    loss = sum((x.float() ** 2).sum() for x in leaves)
+                for acc, grad in zip(total, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                    if grad is not None:
+                        acc += grad.detach().double()
     finally:
         for t in frozen:
             t.requires_grad_(False)
