@@ -9,7 +9,9 @@ arXiv 2403.03853; Gromov et al. 2024, arXiv 2403.17887; SLEB, Song et al. 2024, 
 
 Units are chosen by a metric on calibration inputs (`rescompile.analysis.importance`): `bi`,
 `angular` (a contiguous run), `greedy` (re-measured after each pick) or `norm`; or named with
-`sites=`, bypassing the metric. Not function-preserving.
+`sites=`, bypassing the metric. `replace=linear` puts an affine map of the stream, fit on the
+calibration tokens, in each removed run's place (LLM-Streamline, Chen et al. 2024, in closed
+form). Not function-preserving.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ class DropPass(PassBase):
             default="identity",
             metadata={
                 "choices": ("identity", "linear"),
-                "help": "what takes a removed run's place: identity, or linear (a d x d map of the "
-                "stream fit by least squares on calibration inputs, LLM-Streamline's idea)",
+                "help": "what takes a removed run's place: identity, or linear (an affine d x d map "
+                "of the stream fit on the calibration tokens, ridge towards the identity with the "
+                "strength that does best on held-out batches; LLM-Streamline's idea)",
             },
         )
         sites: str = sites_option()
@@ -93,8 +96,9 @@ class DropPass(PassBase):
 
     @property
     def keeps_model_class(self) -> bool:
-        """Removing whole layers leaves a model its own class describes (with fewer layers)."""
-        return self.options.unit == "block"
+        """Removing whole layers leaves a model its own class describes (with fewer layers); a
+        linear map in their place is nothing the class has."""
+        return self.options.unit == "block" and self.options.replace == "identity"
 
     def call(self, graph: Graph) -> PassResult:
         analysis = self.residuals(graph)
@@ -117,6 +121,8 @@ class DropPass(PassBase):
             "removed_positions": [[u.stream, u.index] for u in chosen],
             "params_removed": sum(u.params for u in chosen),
         }
+        if self.options.replace == "linear":
+            stats["linear_fits"] = self.linear_fits
         if scores is not None:
             stats["scores"] = {s.unit.name: round(s.score, 6) for s in scores}
         return PassResult(graph, modified=True, stats=stats)
@@ -162,9 +168,17 @@ class DropPass(PassBase):
         return [s.unit for s in ranked[:count]], scores
 
     def fit_linear(self, graph: Graph, runs: list[list[DepthUnit]]) -> list[Value]:
-        """For each run of removed units, y = x W + b fit by ridge least squares from the run's
-        entry x to its exit y over the calibration tokens (Gram matrices accumulated batch by
-        batch), inserted before the run. Returns the value that replaces each run's exit."""
+        """For each run of removed units, an affine map y = x A + c of the stream, from the run's
+        entry x to its exit y (the value the rest of the graph reads, after a post-norm block's
+        LayerNorm), inserted before the run. Returns the value that replaces each run's exit.
+
+        Rows are the calibration tokens, padding left out (`attention_mask`). A d x d map fit by
+        plain least squares on a few hundred tokens overfits and can be worse than removing the
+        run outright, so the fit is ridge regression shrunk towards the identity, its strength
+        (relative to the mean Gram diagonal) chosen by two-fold cross-validation over the
+        calibration batches; the identity itself is a candidate, so the chosen map is never worse
+        than dropping the run on held-out rows (then it is dropped). Statistics are streamed
+        (Gram matrices per fold), never all activations."""
         for run in runs:
             for unit in run:
                 if unit.per_branch:
@@ -179,26 +193,118 @@ class DropPass(PassBase):
                 )
         values = [v for run in runs for v in (run[0].entry, run[-1].exit)]
         widths = [run[0].entry.shape[-1] for run in runs]
-        grams = [np.zeros((d + 1, d + 1)) for d in widths]  # [x 1]^T [x 1]
-        crosses = [np.zeros((d + 1, d)) for d in widths]  # [x 1]^T y
-        for arrays in self.probe(graph)(values):
+        folds = [[_Moments(d) for _ in range(2)] for d in widths]
+        probe = self.probe(graph)
+        batches = list(getattr(probe, "batches", ()))
+        split_rows = len(batches) < 2  # one batch: alternate tokens instead of batches
+        for number, arrays in enumerate(probe(values)):
+            mask = _attention_mask(batches[number]) if number < len(batches) else None
             for k, d in enumerate(widths):
-                x = arrays[2 * k].reshape(-1, d).astype(np.float64)
-                y = arrays[2 * k + 1].reshape(-1, d).astype(np.float64)
-                x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-                grams[k] += x1.T @ x1
-                crosses[k] += x1.T @ y
-        maps = []
-        for run, gram, cross in zip(runs, grams, crosses):
-            ridge = 1e-8 * max(np.trace(gram) / len(gram), 1e-12)
-            solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
+                x, y = arrays[2 * k], arrays[2 * k + 1]
+                keep = _token_rows(mask, x.shape[:-1])
+                x = x.reshape(-1, d)[keep].astype(np.float64)
+                y = y.reshape(-1, d)[keep].astype(np.float64)
+                if split_rows:
+                    folds[k][0].add(x[0::2], y[0::2])
+                    folds[k][1].add(x[1::2], y[1::2])
+                else:
+                    folds[k][number % 2].add(x, y)
+        maps, fits = [], []
+        for run, (first, second) in zip(runs, folds):
+            solution, fit = _ridge_towards_identity(first, second)
+            fits.append({"unit": run[0].name, "units": len(run), **fit})
+            if solution is None:
+                maps.append(run[0].entry)  # the identity won on held-out rows: drop the run
+                continue
             site = run[0].sites[0]
             weight = new_param(graph, self.name, site, "W", solution[:-1])
             bias = new_param(graph, self.name, site, "b", solution[-1])
             kw = dict(pass_name=self.name, before=site.nodes[0] if site.nodes else site.add)
             product = insert_op(graph, "MatMul", [run[0].entry, weight], name=f"{site.name}/linear", **kw)
             maps.append(insert_op(graph, "Add", [product, bias], name=f"{site.name}/linear_bias", **kw))
+        self.linear_fits = fits
         return maps
+
+
+# Ridge strengths tried, relative to the mean diagonal of the Gram matrix of the run's input.
+RIDGE_GRID = (0.0, *(float(10.0**e) for e in np.arange(-6.0, 2.01, 0.25)))
+
+
+class _Moments:
+    """Streamed sums for an affine least-squares fit: [x 1]^T [x 1], [x 1]^T y, per-column y^2."""
+
+    def __init__(self, d: int) -> None:
+        self.gram = np.zeros((d + 1, d + 1))
+        self.cross = np.zeros((d + 1, d))
+        self.yy = np.zeros(d)
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        self.gram += x1.T @ x1
+        self.cross += x1.T @ y
+        self.yy += np.sum(y * y, axis=0)
+        self.rows += len(x)
+
+    def error(self, solution: np.ndarray) -> float:
+        """Sum of squared residuals of y - [x 1] solution over these rows."""
+        s = solution
+        return float(np.sum(s * (self.gram @ s)) - 2.0 * np.sum(s * self.cross) + np.sum(self.yy))
+
+    def __add__(self, other: _Moments) -> _Moments:
+        total = _Moments(len(self.yy))
+        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
+        total.yy, total.rows = self.yy + other.yy, self.rows + other.rows
+        return total
+
+
+def _identity_solution(d: int) -> np.ndarray:
+    solution = np.zeros((d + 1, d))
+    solution[:d] = np.eye(d)
+    return solution
+
+
+def _ridge_solve(m: _Moments, strength: float) -> np.ndarray:
+    """argmin ||[x 1] S - y||^2 + lam ||A - I||^2 (the bias unpenalized), lam = strength x the
+    mean diagonal of x^T x: large strengths give the identity plus the mean offset."""
+    d = len(m.yy)
+    scale = max(float(np.trace(m.gram[:d, :d])) / d, 1e-30)
+    penalty = np.eye(d + 1)
+    penalty[d, d] = 0.0
+    lam = strength * scale
+    jitter = 1e-10 * scale * np.eye(d + 1)  # keeps lam = 0 solvable when x is rank-deficient
+    return np.linalg.solve(m.gram + lam * penalty + jitter, m.cross + lam * penalty @ _identity_solution(d))
+
+
+def _ridge_towards_identity(first: _Moments, second: _Moments) -> tuple[np.ndarray | None, dict]:
+    """The affine map for the held-out-best ridge strength, fit on both folds; None when the
+    identity (dropping the run) is at least as good on held-out rows. Also the choice's record."""
+    d = len(first.yy)
+    if min(first.rows, second.rows) == 0:
+        raise PassError("drop: replace=linear needs calibration tokens in two batches (or two tokens)")
+    identity = _identity_solution(d)
+    held_identity = first.error(identity) + second.error(identity)
+    best_error, best_strength = held_identity, None
+    for strength in RIDGE_GRID:
+        held = second.error(_ridge_solve(first, strength)) + first.error(_ridge_solve(second, strength))
+        if held < best_error:
+            best_error, best_strength = held, strength
+    record = {
+        "rows": first.rows + second.rows,
+        "ridge": best_strength,
+        "heldout_error_vs_identity": round(best_error / max(held_identity, 1e-30), 6),
+    }
+    if best_strength is None:
+        return None, record
+    return _ridge_solve(first + second, best_strength), record
+
+
+def _token_rows(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Which rows of the flattened (tokens, d) activations are real tokens: the attention mask's
+    ones when it has the activations' leading shape, else every row."""
+    if mask is None or tuple(mask.shape) != tuple(shape):
+        return np.ones(int(np.prod(shape)), dtype=bool)
+    return mask.reshape(-1) != 0
 
 
 def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> list[UnitScore]:

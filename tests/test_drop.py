@@ -339,3 +339,90 @@ def test_padding_tokens_do_not_count():
         for c in (padded, alone)
     ]
     np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)
+
+
+class _WigglyBlocks(torch.nn.Module):
+    """Residual blocks with a small nonlinear update: x + 0.2 sin(3 x W). No affine map
+    reproduces them, and one fit on few tokens overfits: the identity is hard to beat."""
+
+    def __init__(self, width: int = 16, blocks: int = 3):
+        super().__init__()
+        torch.manual_seed(1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + 0.2 * torch.sin(3 * block(x))
+        return x
+
+
+def _plain_affine_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares y ~ [x 1] S without any ridge: the fit the pass must not settle for."""
+    x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    return np.linalg.lstsq(x1, y, rcond=None)[0]
+
+
+def test_replace_linear_is_never_worse_than_dropping_on_held_out_tokens():
+    """The last two blocks replaced by the fitted map: the model's output is the run's exit, so
+    its error on fresh tokens is the map's. Few calibration tokens: plain least squares is
+    worse than the identity there; the validated fit is not."""
+    model = _WigglyBlocks().eval()
+    width = 16
+    calibration = [(torch.randn(2, 12, width, generator=torch.Generator().manual_seed(s)),) for s in range(2)]
+    fresh = torch.randn(64, 32, width, generator=torch.Generator().manual_seed(99))
+    sites = "sites=depth:1-2"
+    spec = f"drop:{sites},replace=linear"
+    fitted = rescompile.apply(model, [spec], calibration[0], calibration=calibration)
+    dropped = rescompile.apply(model, [f"drop:{sites}"], calibration[0], calibration=calibration)
+
+    def rows(t: torch.Tensor) -> np.ndarray:
+        return t.reshape(-1, width).numpy().astype(np.float64)
+
+    def entry(x: torch.Tensor) -> torch.Tensor:  # the run's entry: after the first block
+        return x + 0.2 * torch.sin(3 * model.blocks[0](x))
+
+    with torch.no_grad():
+        want = rows(model(fresh))
+        fitted_error = float(np.sum((rows(fitted(fresh)) - want) ** 2))
+        identity_error = float(np.sum((rows(dropped(fresh)) - want) ** 2))
+        # the independent reference: plain least squares from the run's entry to its exit
+        x = np.concatenate([rows(entry(c[0])) for c in calibration])
+        y = np.concatenate([rows(model(c[0])) for c in calibration])
+        x_fresh = rows(entry(fresh))
+        plain_out = np.concatenate([x_fresh, np.ones((len(x_fresh), 1))], axis=1) @ _plain_affine_fit(x, y)
+        plain_error = float(np.sum((plain_out - want) ** 2))
+    assert plain_error > identity_error  # the setting is one where naive fitting loses
+    assert fitted_error <= identity_error * 1.001, (fitted_error, identity_error)
+
+
+def test_replace_linear_fits_real_tokens_only():
+    """Padding rows (attention_mask 0) leave the fit: batches that differ only in the ids at
+    padded positions give the same map, and the fit counts only the real tokens."""
+    case = bert(layers=2)
+    ids = [torch.randint(1, 101, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0
+
+    def calibration(pad_seed: int) -> list[dict]:
+        batches = []
+        for i, t in enumerate(ids):
+            t = t.clone()
+            g = torch.Generator().manual_seed(pad_seed + i)
+            t[1, 5:] = torch.randint(1, 101, (3,), generator=g)
+            batches.append({"input_ids": t, "attention_mask": mask})
+        return batches
+
+    outputs, fits = [], []
+    for pad_seed in (10, 20):
+        result = compile_model(
+            case.module,
+            ["drop:sites=depth:2-3,replace=linear"],
+            example_kwargs=case.kwargs,
+            calibration=calibration(pad_seed),
+        )
+        fits.append(result.result.stats["0:drop"]["linear_fits"])
+        with torch.no_grad():
+            outputs.append(hidden(result.output(**case.kwargs)))
+    assert [f["rows"] for f in fits[0]] == [2 * (8 + 5)]
+    assert fits[0][0]["ridge"] is not None  # a map was fit, not the identity kept
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
