@@ -1,14 +1,21 @@
 """compress: one planner over depth and width, to a parameter or latency budget.
 
 Width pruning (`prune`) and depth pruning (`drop`) trade quality for size at different rates on
-different models; the planner picks, step by step, whichever action costs the least
-calibration output change per parameter (or per second of measured latency) it saves, until the
-target is met: drop the one block whose removal changes the outputs least (SLEB's criterion,
-Song et al. 2024, arXiv 2402.09025), or prune `step` more of the prunable parameters uniformly
-(the same fraction in every layer, as NVIDIA's Minitron does so that a config describes the
-result). Each candidate is applied to the graph, measured and rolled back; the winner is
-applied for real. The plan is logged and returned in the stats: which blocks went, how much
-width, and the predicted versus measured size or latency after each step.
+different models; the planner picks, step by step, whichever action costs the least calibration
+output change per parameter (or per second of measured latency) it saves, until the target is
+met: drop the one block whose removal changes the outputs least (SLEB's criterion, Song et al.
+2024, arXiv 2402.09025), or prune `step` more of one kind of width (MLP neurons, attention heads,
+conv channels) uniformly, the same fraction in every layer, as NVIDIA's Minitron does so that a
+config describes the result.
+
+The output change is always measured against the ORIGINAL model's outputs on the calibration
+batches (computed once), relative L2 over every output, padding tokens of batches with an
+`attention_mask` left out: a step is charged what it adds to the total drift, not its change
+relative to the already-compressed model. Savings past the target earn nothing, so the last step
+is not a block that overshoots when a little width would do. Drop candidates are measured by the
+probe's bypass (no rewrite, no re-export of a changed graph); prune candidates are applied,
+measured and rolled back. The plan (which blocks, which widths, predicted versus measured size or
+latency after each step) is logged, reported as progress and returned in the stats.
 """
 
 from __future__ import annotations
@@ -16,25 +23,36 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from rescompile.analysis.cost import count_params
-from rescompile.analysis.importance import depth_units
+from rescompile.analysis.groups import find_groups
+from rescompile.analysis.importance import DepthUnit, depth_units
 from rescompile.infra import PassBase, PassError, PassResult
-from rescompile.ir import Graph
+from rescompile.ir import Graph, IRError
 from rescompile.ir._transaction import GraphSnapshot
 
-from .drop import _remove
+from .drop import DropPass, _remove
 from .prune import PrunePass
 
 __all__ = ["CompressPass"]
 
 logger = logging.getLogger("rescompile")
 
+_KINDS = ("mlp", "heads", "channels")
+
 
 class CompressPass(PassBase):
-    """Drop blocks and prune width until `params` (or `latency`) of the original is left."""
+    """Drop blocks and prune width until `params` (or `latency`) of the original is left.
+
+    `params` counts, by default (`of=blocks`), only the parameters inside the residual blocks,
+    the part any action can shrink: on a small transformer the word embedding is often half the
+    model, and `params=0.7` of the whole model would remove most of its layers. `of=model`
+    counts every parameter. Refused: a budget outside (0, 1), both or neither of params and
+    latency, a model with nothing to drop or prune, a budget no sequence of actions reaches.
+    """
 
     name = "compress"
     required = {"params": 0.7}
@@ -43,19 +61,56 @@ class CompressPass(PassBase):
     @dataclasses.dataclass
     class Options:
         params: float = dataclasses.field(
-            default=0.0, metadata={"help": "fraction of the parameters to keep, in (0, 1)"}
+            default=0.0, metadata={"help": "fraction of the parameters to keep, in (0, 1) (see of)"}
         )
         latency: float = dataclasses.field(
             default=0.0,
             metadata={"help": "fraction of the measured latency to keep, in (0, 1) (instead of params)"},
         )
+        of: str = dataclasses.field(
+            default="blocks",
+            metadata={
+                "choices": ("blocks", "model"),
+                "help": "what params= is a fraction of: blocks (the parameters inside the residual "
+                "blocks, what drop and prune can remove) or model (all, embeddings included); "
+                "latency= is always the whole model's",
+            },
+        )
         step: float = dataclasses.field(
             default=0.1,
-            metadata={"help": "each width action prunes this fraction of the prunable parameters"},
+            metadata={"help": "each width action prunes this fraction of one kind's original width"},
+        )
+        target: str = dataclasses.field(
+            default="mlp|heads|channels",
+            metadata={"help": "width kinds the planner may prune, each its own action: mlp|heads|channels"},
         )
         importance: str = dataclasses.field(
             default="activation",
             metadata={"choices": ("l2", "l1", "activation"), "help": "how prune ranks units"},
+        )
+        refit: str = dataclasses.field(
+            default="none",
+            metadata={
+                "choices": ("none", "bias", "least_squares"),
+                "help": "prune's refit of what reads pruned channels, at each width action (none by "
+                "default: least_squares re-fits every width candidate of every step, many times slower)",
+            },
+        )
+        replace: str = dataclasses.field(
+            default="identity",
+            metadata={
+                "choices": ("identity", "linear"),
+                "help": "what takes a dropped block's place (drop's replace=): identity, or a "
+                "least-squares linear map of the stream (fit and measured per candidate: slower)",
+            },
+        )
+        distance: str = dataclasses.field(
+            default="cosine",
+            metadata={
+                "choices": ("cosine", "l2"),
+                "help": "output change against the original: cosine (mean 1 - cos of each output "
+                "vector: each token's hidden state, logits) or l2 (relative L2 over all outputs)",
+            },
         )
         max_steps: int = dataclasses.field(default=50, metadata={"help": "stop after this many actions"})
 
@@ -68,6 +123,11 @@ class CompressPass(PassBase):
             raise PassError(f"compress: the fraction to keep must be in (0, 1), not {budget:g}")
         if not 0.0 < o.step < 1.0:
             raise PassError(f"compress: step must be in (0, 1), not {o.step:g}")
+        unknown = set(o.target.split("|")) - set(_KINDS)
+        if unknown:
+            raise PassError(f"compress: unknown target {'|'.join(sorted(unknown))}; use {'|'.join(_KINDS)}")
+        if o.max_steps < 1:
+            raise PassError(f"compress: max_steps must be >= 1, not {o.max_steps}")
 
     @property
     def preserves_function(self) -> bool:
@@ -78,104 +138,319 @@ class CompressPass(PassBase):
         return True  # whole blocks and uniform widths: a config can describe the result
 
     def call(self, graph: Graph) -> PassResult:
-        self._refit = "none"  # as prune's auto: least_squares overfits small calibration sets
+        o = self.options
+        self._refit = o.refit
         probe = self.probe(graph)
         self.calibration = probe.batches  # the same batches for every measurement and for prune
         outputs = list(graph.outputs)
-        reference = [np.concatenate([a.ravel() for a in arrays]) for arrays in probe(outputs)]
-        measure_latency = bool(self.options.latency)
-
-        def change() -> float:
-            num = den = 0.0
-            for ref, arrays in zip(reference, self.probe(graph)(outputs)):
-                got = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
-                num += float(np.sum((got - ref) ** 2))
-                den += float(np.sum(ref.astype(np.float64) ** 2))
-            return float(np.sqrt(num / max(den, 1e-30)))
+        self.report("running the original model on the calibration data")
+        objective = _Objective(list(probe(outputs)), [_token_mask(b) for b in probe.batches], o.distance)
+        units = depth_units(self.residuals(graph), "block")
+        kinds = self._kinds(graph)
+        if not _droppable(units) and not kinds:
+            raise PassError(f"compress: the model has no block to drop and no {o.target} width to prune")
+        by_latency = bool(o.latency)
 
         def cost() -> float:
-            if not measure_latency:
-                return float(count_params(graph))
-            return _latency(self.probe(graph), outputs)
+            return _latency(self.probe(graph), outputs) if by_latency else float(count_params(graph))
 
-        start = cost()
-        goal = start * (self.options.latency or self.options.params)
-        current, lost = start, 0.0
-        plan: list[dict] = []
-        while current > goal and len(plan) < self.options.max_steps:
-            options = []
-            for action in self._candidates(graph):
-                snapshot = GraphSnapshot.take(graph)
-                try:
-                    action["apply"]()
-                    after, changed = cost(), change()
-                except PassError:
-                    continue  # e.g. nothing prunable is left
-                finally:
-                    snapshot.restore()
-                saved = current - after
-                if saved > 0:
-                    options.append((max(changed - lost, 0.0) / saved, after, changed, action))
-            if not options:
+        start = current = cost()
+        blocks = float(_block_params(graph, units)) if not by_latency else 0.0
+        if by_latency:
+            scope, what = start, "latency"
+            goal = start * o.latency
+        else:
+            scope, what = (blocks, "block parameters") if o.of == "blocks" else (start, "parameters")
+            goal = start - (1.0 - o.params) * scope
+        if scope <= 0:
+            raise PassError("compress: the model's residual blocks hold no parameters to remove")
+        width = dict.fromkeys(kinds, 1.0)  # fraction of each kind's original width left
+        lost, plan, began = 0.0, [], time.perf_counter()
+        while current > goal * (1 + 1e-9) and len(plan) < o.max_steps:
+            need = current - goal
+            left = 1 - (start - current) / scope
+            self.report(
+                f"step {len(plan) + 1}: {left:.1%} of the {what} left, target "
+                f"{1 - (start - goal) / scope:.0%}, output change {lost:.4f}"
+            )
+            candidates = self._candidates(graph, objective, outputs, cost, current, need, width)
+            scored = [
+                (max(c.change - lost, 0.0) / min(c.saved, need), -c.saved, i, c)
+                for i, c in enumerate(candidates)
+                if c.saved > 0
+            ]
+            if not scored:
                 raise PassError(
-                    f"compress: cannot reach {goal / start:.0%} of the "
-                    f"{'latency' if measure_latency else 'parameters'}: no action saves more "
-                    f"(reached {current / start:.0%})"
+                    f"compress: cannot reach {1 - (start - goal) / scope:.0%} of the {what}: "
+                    f"no action saves more (reached {left:.0%})"
                 )
-            _, predicted, lost, action = min(options, key=lambda o: o[0])
-            action["apply"]()
+            best = min(scored)[-1]
+            best.apply()
             current = cost()
+            lost = objective(self.probe(graph)(outputs))  # measured again on the rewritten graph
+            if best.kind in width:
+                width[best.kind] -= best.fraction
             plan.append(
                 {
-                    "action": action["name"],
+                    "action": best.name,
+                    "predicted_change": round(best.change, 6),
                     "output_change": round(lost, 6),
-                    "predicted": round(predicted / start, 4),
-                    "measured": round(current / start, 4),
+                    "predicted": round(1 - (start - best.after) / scope, 4),
+                    "measured": round(1 - (start - current) / scope, 4),
                 }
             )
             logger.info(
-                "compress: %s -> %.1f%% left, output change %.4f", action["name"], 100 * current / start, lost
+                "compress: %s -> %.1f%% of the %s left, output change %.4f",
+                best.name,
+                100 * (1 - (start - current) / scope),
+                what,
+                lost,
             )
+        self.report(f"done: {len(plan)} steps, output change {lost:.4f}")
         return PassResult(
             graph,
             modified=bool(plan),
             stats={
                 "steps": len(plan),
-                "left": round(current / start, 4),
+                "of": what,
+                "left": round(1 - (start - current) / scope, 4),
+                "left_of_model": round(current / start, 4),
                 "output_change": round(lost, 6),
+                "refit": self._refit,
+                "seconds": round(time.perf_counter() - began, 1),
                 "plan": plan,
             },
         )
 
-    def _candidates(self, graph: Graph) -> list[dict]:
-        """This step's actions on the current graph: drop each block (keeping at least one per
-        stream), or prune `step` more width."""
-        actions = []
-        units = depth_units(self.residuals(graph), "block")
-        per_stream = {}
-        for unit in units:
-            per_stream[unit.stream] = per_stream.get(unit.stream, 0) + 1
-        for unit in units:
-            if per_stream[unit.stream] > 1 and not unit.per_branch:
-                actions.append({"name": f"drop {unit.name}", "apply": lambda unit=unit: _remove(unit)})
-        pruner = PrunePass(
-            ratio=self.options.step, uniform=True, importance=self.options.importance, refit=self._refit
-        )
-        pruner.calibration = self.calibration
+    # ----- candidates ---------------------------------------------------------------------
+    def _kinds(self, graph: Graph) -> list[str]:
+        """The target kinds the model has prunable groups of."""
+        wanted = self.options.target.split("|")
+        have = {g.kind for g in find_groups(graph).groups if g.prunable}
+        return [k for k in wanted if k in have]
 
-        actions.append(
-            {"name": f"prune {self.options.step:g} of the width", "apply": lambda: pruner.call(graph)}
-        )
-        return actions
+    def _candidates(self, graph, objective, outputs, cost, current, need, width) -> list[_Candidate]:
+        """Every action of this step, measured: cost after it and output change against the original."""
+        found: list[_Candidate] = []
+        units = depth_units(self.residuals(graph), "block")
+        droppable = _droppable(units)
+        for number, unit in enumerate(droppable):
+            self.report(f"  trying drop {unit.name} ({number + 1}/{len(droppable)})")
+            found.extend(self._drop(graph, unit, objective, outputs, cost, current))
+        groups = find_groups(graph).groups if width and not self.options.latency else []
+        for kind, left in width.items():
+            fraction = min(self.options.step, left - 1e-6)
+            if fraction <= 0:
+                continue
+            self.report(f"  trying prune {kind}")
+            ours = [g for g in groups if g.prunable and g.kind == kind]
+            found.extend(
+                self._prune(graph, kind, fraction, left, ours, objective, outputs, cost, current, need)
+            )
+        return found
+
+    def _drop(self, graph, unit: DepthUnit, objective, outputs, cost, current) -> Iterable[_Candidate]:
+        name = f"drop {unit.name}"
+        if self.options.replace == "linear":
+            first, last = unit.sites[0].depth, unit.sites[-1].depth
+            spec = dict(sites=f"stream:{unit.stream};depth:{first}-{last}", replace="linear")
+
+            def apply():
+                dropper = DropPass(**spec)
+                dropper.calibration = self.calibration
+                dropper.call(graph)
+
+            yield from self._measured(
+                graph, f"{name} (linear)", "drop", 0.0, apply, objective, outputs, cost, current
+            )
+            return
+        if self.options.latency:  # latency needs the rewritten graph to time
+            yield from self._measured(
+                graph, name, "drop", 0.0, lambda: _remove(unit), objective, outputs, cost, current
+            )
+            return
+        # Parameters: count them on the rewritten graph (cheap), measure the change through the
+        # bypass on the unchanged one (the same function, without exporting a new module).
+        snapshot = GraphSnapshot.take(graph)
+        try:
+            _remove(unit)
+            after = cost()
+        finally:
+            snapshot.restore()
+        change = objective(self.probe(graph)(outputs, bypass=unit.bypass))
+        yield _Candidate(name, "drop", 0.0, current - after, after, change, lambda: _remove(unit))
+
+    def _prune(self, graph, kind, fraction, left, groups, objective, outputs, cost, current, need):
+        """Prune `fraction` of the kind's original width (`left` of it remains), or, where that
+        saves more than the step needs (params budget), the least that meets it."""
+        ratio = fraction / left
+        if groups and _uniform_saving(groups, ratio) > need:
+            lo, hi = 0.0, ratio  # the saving is monotone in the ratio: bisect for the least
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if _uniform_saving(groups, mid) >= need else (mid, hi)
+            fraction, ratio = fraction * hi / ratio, hi
+
+        def apply():
+            p = PrunePass(
+                ratio=ratio, uniform=True, target=kind, importance=self.options.importance, refit=self._refit
+            )
+            p.calibration = self.calibration
+            if not p.call(graph).modified:  # the step is below one unit per group
+                raise PassError(f"prune {kind}: ratio {ratio:.3g} removes no unit")
+
+        name = f"prune {kind} to {left - fraction:.0%} of its width"
+        return self._measured(graph, name, kind, fraction, apply, objective, outputs, cost, current)
+
+    def _measured(
+        self, graph, name, kind, fraction, apply, objective, outputs, cost, current
+    ) -> Iterable[_Candidate]:
+        """Apply, measure cost and output change, roll back; nothing if the action is refused.
+        Choosing it later restores the rewritten graph (a snapshot restores any number of times)
+        instead of running the action again."""
+        snapshot = GraphSnapshot.take(graph)
+        try:
+            apply()
+            after = cost()
+            change = objective(self.probe(graph)(outputs))
+            done = GraphSnapshot.take(graph)
+        except PassError as exc:
+            logger.info("compress: %s refused: %s", name, exc)
+            return
+        finally:
+            snapshot.restore()
+        yield _Candidate(name, kind, fraction, current - after, after, change, done.restore)
+
+
+@dataclasses.dataclass
+class _Candidate:
+    name: str
+    kind: str  # "drop" or the width kind
+    fraction: float  # of the kind's original width (prune)
+    saved: float
+    after: float
+    change: float
+    apply: Callable[[], None]
+
+
+class _Objective:
+    """How far a variant's outputs are from the ORIGINAL's over the calibration batches; positions
+    a batch's attention mask marks as padding do not count (their values are arbitrary and no user
+    reads them). `l2`: relative L2 distance over every output. `cosine`: mean 1 - cos between the
+    vectors along each output's last axis (tokens' hidden states, logits), scale-free like the
+    normalised embeddings and argmaxes users read."""
+
+    def __init__(
+        self, reference: Sequence[list[np.ndarray]], masks: Sequence[np.ndarray | None], distance: str
+    ):
+        self.distance = distance
+        self.reference = [[a.astype(np.float64) for a in arrays] for arrays in reference]
+        self.weights = [
+            [_weight(a, masks[b] if b < len(masks) else None) for a in arrays]
+            for b, arrays in enumerate(self.reference)
+        ]
+        pairs = [(a, w) for arrays, ws in zip(self.reference, self.weights) for a, w in zip(arrays, ws)]
+        if distance == "l2":
+            self.total = sum(float(np.sum(w * a**2)) for a, w in pairs)
+        else:
+            self.total = sum(float(np.sum(np.broadcast_to(w, a.shape)[..., 0])) for a, w in _rows(pairs))
+
+    def __call__(self, batches: Iterable[list[np.ndarray]]) -> float:
+        num = 0.0
+        for ref, ws, arrays in zip(self.reference, self.weights, batches):
+            for r, w, got in zip(ref, ws, arrays):
+                got = got.astype(np.float64)
+                if self.distance == "l2":
+                    num += float(np.sum(w * (got - r) ** 2))
+                    continue
+                (r, w), (got, _) = _rows([(r, w), (got, w)])
+                dot = np.sum(r * got, axis=-1)
+                norms = np.linalg.norm(r, axis=-1) * np.linalg.norm(got, axis=-1)
+                cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+                num += float(np.sum(np.broadcast_to(w, r.shape)[..., 0] * (1.0 - cos)))
+        if self.distance == "l2":
+            return float(np.sqrt(num / max(self.total, 1e-30)))
+        return num / max(self.total, 1e-30)
+
+
+def _rows(pairs):
+    """(array, weight) as vectors along the last axis (a 0-d or 1-d output: one vector)."""
+    out = []
+    for a, w in pairs:
+        if a.ndim < 2:
+            a, w = a.reshape(1, -1), 1.0
+        out.append((a, w))
+    return out
+
+
+def _weight(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | float:
+    """The mask broadcast over an output whose leading axes are (batch, tokens), else 1."""
+    if mask is None or array.shape[: mask.ndim] != mask.shape:
+        return 1.0
+    return mask.reshape(mask.shape + (1,) * (array.ndim - mask.ndim)).astype(np.float64)
+
+
+def _token_mask(batch) -> np.ndarray | None:
+    """A batch's `attention_mask` (dict, or torch (args, kwargs)) as numpy, if it has one."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        batch = batch[1]
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None:
+        return None
+    return np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
+
+
+def _block_params(graph: Graph, units: Sequence[DepthUnit]) -> int:
+    """Parameters inside the residual blocks: what removing each block alone removes (its
+    branches' weights and the norms only it uses), counted on the rewritten graph."""
+    total, before = 0, count_params(graph)
+    for unit in units:
+        snapshot = GraphSnapshot.take(graph)
+        try:
+            _remove(unit)
+            total += before - count_params(graph)
+        except IRError:  # a block the region rewrite refuses: its branches' weights
+            total += unit.params
+        finally:
+            snapshot.restore()
+    return total
+
+
+def _uniform_saving(groups, ratio: float) -> float:
+    """Parameters `prune:uniform=true,ratio=R` removes from `groups` (int(R x size) units each,
+    one kept at least), from the groups' parameters per unit."""
+    total = 0.0
+    for g in groups:
+        units = min(int(ratio * g.size), g.size - 1)
+        total += units * g.params / max(g.size, 1)
+    return total
+
+
+def _droppable(units: Sequence[DepthUnit]) -> list[DepthUnit]:
+    """Blocks that may go: every stream keeps one; a block with a projection shortcut stays
+    (its removal keeps the projection, which `replace` and the bypass do not model alike)."""
+    per_stream: dict[int, int] = {}
+    for unit in units:
+        per_stream[unit.stream] = per_stream.get(unit.stream, 0) + 1
+    return [u for u in units if per_stream[u.stream] > 1 and not u.per_branch]
 
 
 def _latency(probe, outputs, repeats: int = 3) -> float:
-    """Median seconds of one pass over the calibration batches (after one warm-up run)."""
+    """Median seconds of the calibration batches after the first (the first call of a probe
+    exports the module: not the model's latency), after one warm-up run."""
     runs = []
     for i in range(repeats + 1):
-        start = time.perf_counter()
-        for _ in probe(outputs):
-            pass
+        total, last = 0.0, None
+        for count, _ in enumerate(probe(outputs)):
+            now = time.perf_counter()
+            if count:
+                total += now - last
+            last = now
+        if count == 0:  # one batch: time it whole, export included
+            start = time.perf_counter()
+            for _ in probe(outputs):
+                pass
+            total = time.perf_counter() - start
         if i:
-            runs.append(time.perf_counter() - start)
+            runs.append(total)
     return float(np.median(runs))

@@ -178,6 +178,9 @@ class PassBase:
     calibration: Any = None
     """Inputs for passes that measure the model (a list of batches, a file, or None for
     random inputs); the PassManager sets it from the pipeline's `calibration`."""
+    progress: Any = None
+    """Called with a short description of a long pass's current step (the CLI shows it); the
+    PassManager sets it from its own `progress`. Passes call `self.report(text)`."""
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -196,6 +199,11 @@ class PassBase:
 
     def check_options(self) -> None:
         """Raise PassError for option values out of range (override as needed)."""
+
+    def report(self, text: str) -> None:
+        """Say what a long-running pass is doing now (no-op without a progress hook)."""
+        if self.progress is not None:
+            self.progress(text)
 
     @property
     def preserves_function(self) -> bool:
@@ -284,7 +292,9 @@ class PassManager:
         for i, pass_ in enumerate(self.passes):
             start = time.perf_counter()
             if self.progress is not None:
-                self.progress(f"pass {i + 1}/{len(self.passes)}: {pass_.name}")
+                head = f"pass {i + 1}/{len(self.passes)}: {pass_.name}"
+                self.progress(head)
+                pass_.progress = lambda text, head=head: self.progress(f"{head}: {text}")
             if self.calibration is not None:
                 pass_.calibration = self.calibration
             try:

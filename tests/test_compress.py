@@ -1,7 +1,12 @@
-"""compress: the planner meets its budget and spends it where the output changes least."""
+"""compress: the planner meets its budget and spends it where the output changes least.
+
+References are independent of the pass: parameter counts read from the torch modules, output
+changes recomputed from the original and the compressed modules on the calibration batches.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,7 +18,7 @@ from tools.models import cached_onnx, gpt2
 
 def test_meets_a_parameter_budget_and_logs_its_plan():
     source = cached_onnx("gpt2")
-    result = compile_model(str(source), ["compress:params=0.7,importance=l2,step=0.25"])
+    result = compile_model(str(source), ["compress:params=0.7,of=model,importance=l2,step=0.25"])
     stats = result.result.stats["0:compress"]
     assert stats["left"] <= 0.7
     assert result.after["params"] <= 0.7 * result.before["params"]
@@ -24,7 +29,8 @@ def test_meets_a_parameter_budget_and_logs_its_plan():
     onnx.checker.check_model(result.output)
 
 
-def test_drops_a_block_that_does_almost_nothing_before_pruning_width():
+@pytest.mark.parametrize("replace", ["identity", "linear"])
+def test_drops_a_block_that_does_almost_nothing_before_pruning_width(replace):
     case = gpt2(layers=3)
     with torch.no_grad():  # block 1 barely changes the stream: removing it costs almost nothing
         case.module.h[1].attn.c_proj.weight.mul_(1e-4)
@@ -33,12 +39,14 @@ def test_drops_a_block_that_does_almost_nothing_before_pruning_width():
         case.module.h[1].mlp.c_proj.bias.zero_()
     result = compile_model(
         case.module,
-        ["compress:params=0.8,importance=l2,step=0.25"],
+        [f"compress:params=0.8,importance=l2,step=0.25,replace={replace}"],
         example_kwargs=case.kwargs,
         dynamic=False,
     )
     plan = result.result.stats["0:compress"]["plan"]
-    assert plan[0]["action"] == "drop h.1", plan
+    assert plan[0]["action"] == ("drop h.1" if replace == "identity" else "drop h.1 (linear)"), plan
+    if replace == "linear":  # a d x d map of the stream takes the block's place: no longer a GPT2Model
+        return
     assert result.output.config.num_hidden_layers == 2  # whole blocks + uniform widths: still a GPT2Model
 
 
@@ -49,6 +57,9 @@ def test_drops_a_block_that_does_almost_nothing_before_pruning_width():
         ("compress:params=0.7,latency=0.7", "give params=F or latency=F"),
         ("compress:params=1.5", "must be in (0, 1)"),
         ("compress:params=0.5,step=0", "step must be in (0, 1)"),
+        ("compress:params=0.5,of=layers", "of must be one of blocks, model"),
+        ("compress:params=0.5,target=stream", "unknown target stream"),
+        ("compress:params=0.5,distance=kl", "distance must be one of cosine, l2"),
     ],
 )
 def test_bad_budgets_are_refused(spec, message):
@@ -78,3 +89,99 @@ def test_measures_after_removing_a_last_post_norm_layer():
     plan = result.result.stats["0:compress"]["plan"]
     assert plan[0]["action"] == "drop encoder.layer.2", plan
     assert result.result.stats["0:compress"]["left"] <= 0.8
+
+
+# ----- budgets, objective, progress -------------------------------------------------------------
+def padded_batches(seed: int = 0, count: int = 3, batch: int = 3, seq: int = 8) -> list[dict]:
+    """Calibration batches with padding at the end of some rows (attention_mask 0 there)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 101, (batch, seq), generator=gen)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1, seq - 3 :] = 0
+        mask[2, seq - 5 :] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def count(module, prefix: str = "") -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if name.startswith(prefix))
+
+
+@pytest.mark.parametrize("of", ["blocks", "model"])
+def test_the_budget_is_a_fraction_of_the_blocks_or_of_the_whole_model(of):
+    case = gpt2(layers=3)
+    total, blocks = count(case.module), count(case.module, "h.")
+    assert blocks < 0.9 * total  # the embeddings are a share no action can remove
+    result = compile_model(
+        case.module,
+        [f"compress:params=0.7,of={of},importance=l2,step=0.25"],
+        example_kwargs=case.kwargs,
+        dynamic=False,
+    )
+    removed = total - count(result.output)
+    scope = blocks if of == "blocks" else total
+    assert removed >= 0.3 * scope  # the budget is met ...
+    assert removed < 0.3 * scope + 0.25 * blocks  # ... without more than one width step too many
+    stats = result.result.stats["0:compress"]
+    assert stats["left"] == pytest.approx(1 - removed / scope, abs=2e-3)
+    if of == "blocks":
+        assert removed < 0.3 * total  # of the whole model, far less than 30% went
+
+
+def output_change(original, compressed, batches, distance: str) -> float:
+    """The change the planner must report, computed here from the two modules: every real
+    (unpadded) token's hidden state of the compressed model against the ORIGINAL's."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ref = original(**b).last_hidden_state.double().numpy()
+            got = compressed(**b).last_hidden_state.double().numpy()
+            mask = b["attention_mask"].numpy().astype(float)
+            if distance == "l2":
+                num += float((mask[..., None] * (got - ref) ** 2).sum())
+                den += float((mask[..., None] * ref**2).sum())
+            else:
+                cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+                num += float((mask * (1 - cos)).sum())
+                den += float(mask.sum())
+    return float(np.sqrt(num / den)) if distance == "l2" else num / den
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_the_output_change_is_measured_against_the_original_model(distance):
+    """After several steps the reported change is the total drift from the original, padding
+    left out; measured against the model of the previous step it would be the last step's."""
+    case = gpt2(layers=3)
+    batches = padded_batches()
+    result = compile_model(
+        case.module,
+        [f"compress:params=0.45,importance=l2,step=0.25,distance={distance}"],
+        example_kwargs=dict(batches[0]),
+        calibration=batches,
+        dynamic=False,
+    )
+    stats = result.result.stats["0:compress"]
+    assert stats["steps"] >= 2, stats["plan"]
+    expected = output_change(case.module, result.output, batches, distance)
+    assert stats["output_change"] == pytest.approx(expected, rel=1e-3)
+    last = stats["plan"][-1]
+    assert last["output_change"] == pytest.approx(last["predicted_change"], rel=1e-6)
+
+
+def test_reports_progress_through_the_pass_manager():
+    case = gpt2(layers=3)
+    said: list[str] = []
+    compile_model(
+        case.module,
+        ["compress:params=0.8,importance=l2,step=0.25"],
+        example_kwargs=case.kwargs,
+        dynamic=False,
+        progress=said.append,
+    )
+    steps = [m for m in said if m.startswith("pass 1/1: compress: step ")]
+    assert steps and "step 1: 100.0% of the block parameters left, target 80%" in steps[0]
+    assert any(m.startswith("pass 1/1: compress:   trying drop h.") for m in said)
+    assert any(m.startswith("pass 1/1: compress:   trying prune mlp") for m in said)
+    assert said[-1].startswith("pass 1/1: compress: done: ") or any("done: " in m for m in said)

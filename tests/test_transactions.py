@@ -198,6 +198,11 @@ def test_failed_pass_leaves_the_graph_unchanged(
     )
     for i, k in enumerate(points):
         failure = FAILURES[i % len(FAILURES)]
+        if spec.startswith("compress") and isinstance(failure, IRError):
+            # compress counts each block's parameters by removing it on a snapshot, and an
+            # IRError there means "this block cannot be removed alone" (it is counted another
+            # way): an injected one is absorbed by design, so inject another kind of failure.
+            failure = FAILURES[0]
         with monkeypatch.context() as m:
             Injector(m, k, failure, before=i % 2 == 1)
             with pytest.raises(PassError) as info:
