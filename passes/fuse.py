@@ -10,11 +10,18 @@ concatenated along their outputs, W_in = [W_q | W_k | W_v | W_up | W_gate], whos
 sliced back into the parts (Q/K/V, gate/up; after `parallel:shared_norm=true` the attention's
 and the MLP's input projections together, the fused form of PaLM, Chowdhery et al. 2022,
 arXiv 2204.02311, and OLMo, Groeneveld et al. 2024, arXiv 2402.00838).
+(c) `outputs`: linear layers whose results are summed become one MatMul with the weights
+concatenated along K: a W_o + b_o + h W_down + b_down = [a | h] [W_o; W_down] + (b_o + b_down).
+After `parallel` the two outputs reach the stream through two adds, (x + A) + M; the adds
+are re-associated so the stream gets one, x + [a | h] W. Done only where exact: the partial
+sums and each output feed nothing else, the outputs have one width and dtype and pass through
+the same reshapes, the weights are not shared. OLMo found this one did not help on its GPUs;
+under tensor parallelism it is what leaves one all-reduce per layer.
 
-Output fusion (A_out + M_out = [a | h] [W_o; W_down]) is not done: OLMo found it did not help,
-and after `parallel` the two outputs reach the stream through two adds. Sites that cannot be
-folded (a norm also read by something other than a linear layer, shared weights) are left as
-they are and reported.
+Sites that cannot be rewritten (a norm also read by something other than a linear layer,
+shared weights, a summed output read elsewhere) are left as they are and reported in the stats'
+`refused` list, one line each; a sum whose partial sum something else reads (a sequential
+layer, before `parallel`) is only logged.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from rescompile.ir import Graph, Node, OpKind, Role, Value, axis_map, input_role
 from rescompile.ir.ops import Contract, Keep, call_of
 
 from ._branch import insert_op, numpy_of
+from ._streams import through_casts
 
 __all__ = ["FusePass"]
 
@@ -38,10 +46,13 @@ logger = logging.getLogger("rescompile.fuse")
 
 class FusePass(PassBase):
     """Fold norm gains and shifts into the linear layers that read them; fuse linear layers that
-    read one tensor into one MatMul. Exact up to float rounding."""
+    read one tensor, or whose outputs are summed, into one MatMul. Exact up to float rounding."""
 
     name = "fuse"
-    summary = "fold norm affines into the linears reading them; concatenate linears that read one tensor"
+    summary = (
+        "fold norm affines into the linears reading them; concatenate linears that read one tensor or "
+        "are summed"
+    )
 
     @dataclasses.dataclass
     class Options:
@@ -51,10 +62,20 @@ class FusePass(PassBase):
         inputs: bool = dataclasses.field(
             default=True, metadata={"help": "concatenate linears that read the same tensor into one"}
         )
+        outputs: bool = dataclasses.field(
+            default=True, metadata={"help": "concatenate linears whose results are summed into one (along K)"}
+        )
 
     def call(self, graph: Graph) -> PassResult:
         self._names = itertools.count()
-        stats: dict = {"norms_folded": 0, "merged": 0, "groups_fused": 0, "linears_fused": 0}
+        stats: dict = {
+            "norms_folded": 0,
+            "merged": 0,
+            "groups_fused": 0,
+            "linears_fused": 0,
+            "sums_fused": 0,
+            "outputs_fused": 0,
+        }
         refused: list[str] = []
         if self.options.norms:
             self._constants: dict = {}
@@ -73,9 +94,18 @@ class FusePass(PassBase):
                     self._fuse(graph, value, group)
                     stats["groups_fused"] += 1
                     stats["linears_fused"] += len(group)
+        if self.options.outputs:
+            self._inner: set = set()
+            for root in reversed([n for n in graph if _is_sum(n)]):
+                if root.graph is None or root in self._inner:  # inside a tree already seen
+                    continue
+                done = self._fuse_outputs(graph, root, refused)
+                if done:
+                    stats["sums_fused"] += 1
+                    stats["outputs_fused"] += done
         if refused:
             stats["refused"] = refused
-        modified = any(stats[k] for k in ("norms_folded", "merged", "groups_fused"))
+        modified = any(stats[k] for k in ("norms_folded", "merged", "groups_fused", "sums_fused"))
         return PassResult(graph, modified=modified, stats=stats)
 
     # ----- (a) norm affines -------------------------------------------------------------
@@ -130,6 +160,9 @@ class FusePass(PassBase):
             data = next(v for v in node.inputs if v is not gain)
             node.outputs[0].replace_all_uses_with(data)
             graph.remove(node)
+        for value in (gain, shift):  # gone into the linears: a parameter nothing reads gets no gradient
+            if value is not None and not value.uses() and not value.is_graph_output:
+                graph.remove_initializer(value)
         return None
 
     def _constant(self, graph: Graph, fill: float, channels: int, dtype: str) -> Value:
@@ -182,6 +215,105 @@ class FusePass(PassBase):
             for value in owned:
                 if not value.uses():
                     graph.remove_initializer(value)
+
+    # ----- (c) output fusion ------------------------------------------------------------
+    def _fuse_outputs(self, graph: Graph, root: Node, refused: list[str]) -> int:
+        """Fuse the linear outputs summed by the add tree under `root`; how many were fused."""
+        leaves, inner = _add_tree(root)
+        self._inner.update(inner)
+        terms, reasons = [], []
+        for leaf in leaves:
+            term = _term(leaf)
+            if isinstance(term, str):
+                reasons.append(term)
+            elif term is not None:
+                terms.append(term)
+        groups: list[list[_Term]] = []
+        for term in terms:
+            group = next((g for g in groups if _compatible(g[0], term)), None)
+            if group is None:
+                groups.append([term])
+            else:
+                group.append(term)
+        group = max(groups, key=len, default=[])
+        if len(group) < 2:
+            if len(terms) + len(reasons) >= 2:
+                why = "; ".join(reasons) or "the summed outputs differ in width, dtype or reshapes"
+                self._refuse(refused, root, why)
+            elif len(terms) == 1:  # the usual case (a sequential layer): logged, not a refusal
+                shared = _shared_partial_sum(root, leaves)
+                if shared:
+                    logger.info("fuse: %s: outputs left unfused: %s", root.name, shared)
+            return 0
+        others = [leaf for leaf in leaves if all(leaf is not t.leaf for t in group)]
+        order = graph.node_order()
+        moves = []  # checks of a removed partial sum's shape read a leaf of that shape instead
+        for node in inner:
+            for value in node.outputs:
+                for use in value.uses():
+                    if _data_use(use):
+                        continue
+                    keep = next((v for v in others if _before(v, use.node, order)), None)
+                    if keep is None:
+                        self._refuse(refused, root, f"{use.node.name} reads the partial sum {value.name!r}")
+                        return 0
+                    moves.append((use, keep))
+        for use, keep in moves:
+            use.node.replace_input_with(use.index, keep)
+        fused = self._fused_output(graph, root, group)
+        operands = others + [fused]
+        total = operands[0]
+        for i, operand in enumerate(operands[1:-1]):
+            total = insert_op(
+                graph, "Add", [total, operand], before=root, pass_name=self.name, name=f"{root.name}/sum{i}"
+            )
+        if len(operands) == 1:
+            root.outputs[0].replace_all_uses_with(fused, replace_graph_outputs=True)
+            inner = [*inner, root]
+        else:
+            root.replace_input_with(0, total)
+            root.replace_input_with(1, fused)
+        for node in reversed(inner):
+            graph.remove(node)
+        for term in group:
+            term.remove(graph)
+        return len(group)
+
+    def _fused_output(self, graph: Graph, root: Node, group: list[_Term]) -> Value:
+        """[d_1 | ... | d_n] [W_1; ...; W_n] + sum b_i, through the first term's reshapes,
+        built just before `root` (where every d_i is defined)."""
+        first = group[0]
+        dtype = first.weight.dtype
+        weight = np.concatenate([t.matrix() for t in group], axis=0)
+        name = first.linear.name
+        joined = insert_op(
+            graph,
+            "Concat",
+            [t.data for t in group],
+            before=root,
+            pass_name=self.name,
+            name=f"{name}/cat",
+            attrs={"axis": -1},
+        )
+        w = self._param(graph, f"{name}.out_weight", weight, dtype)
+        y = insert_op(graph, "MatMul", [joined, w], before=root, pass_name=self.name, name=f"{name}/out")
+        biases = [b for t in group for b in t.biases]
+        if biases:
+            total = sum(numpy_of(b.payload).astype(np.float64).reshape(-1) for b in biases)
+            b = self._param(graph, f"{name}.out_bias", total, dtype)
+            y = insert_op(graph, "Add", [y, b], before=root, pass_name=self.name, name=f"{name}/out_bias")
+        moved = first.wrappers
+        for wrapper in reversed(moved):  # innermost first: move them after the new op
+            wrapper.replace_input_with(_data_slot(wrapper), y)
+            graph.remove(wrapper, safe=False)
+            graph.insert_before(root, wrapper)
+            y = wrapper.outputs[0]
+        first.chain = [n for n in first.chain if n not in moved]
+        return y
+
+    def _refuse(self, refused: list[str], root: Node, why: str) -> None:
+        refused.append(f"{root.name}: outputs left unfused: {why}")
+        logger.info("fuse: %s: outputs left unfused: %s", root.name, why)
 
 
 def _assign(graph: Graph, value: Value, array: np.ndarray) -> None:
@@ -343,3 +475,233 @@ def _same_attrs(a: Node, b: Node) -> bool:
         return bool(a.attrs == b.attrs)
     except Exception:  # attributes that do not compare (arrays): treat as different
         return False
+
+
+# ----- (c) output fusion: the pieces ----------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class _Term:
+    """One summed linear output: leaf = wrappers(linear(data) [+ bias])."""
+
+    leaf: Value
+    linear: Node
+    data: Value
+    weight: Value
+    biases: list[Value]
+    bias_add: Node | None
+    chain: list[Node]  # the nodes between the linear layer and the leaf, from the leaf inwards
+
+    @property
+    def wrappers(self) -> list[Node]:
+        return [n for n in self.chain if n is not self.bias_add]
+
+    def matrix(self) -> np.ndarray:
+        """The weight as [in, out]."""
+        w = numpy_of(self.weight.payload)
+        return w.T if _linear_params(self.linear)[2] else w
+
+    def remove(self, graph: Graph) -> None:
+        """Remove what computed the leaf (less the reshapes moved onto the fused output) and
+        its parameters."""
+        owned = [*_owned(self.linear), *self.biases]
+        for node in [*self.chain, self.linear]:
+            graph.remove(node)
+        for value in owned:
+            if value.graph is graph and not value.uses() and not value.is_graph_output:
+                graph.remove_initializer(value)
+
+
+def _data_slot(node: Node) -> int:
+    return next(i for i, r in enumerate(input_roles(node)) if r is Role.DATA and node.inputs[i] is not None)
+
+
+def _before(value: Value, node: Node, order: dict) -> bool:
+    """`value` is defined before `node` (an input or initializer, or made by an earlier node)."""
+    return value.producer is None or order[value.producer] < order[node]
+
+
+def _is_sum(node: Node) -> bool:
+    """x + y of two tensors of the output's shape (no broadcasting, no scale factor)."""
+    if node.kind is not OpKind.ADD or len(node.outputs) != 1 or not is_pure(node):
+        return False
+    call = call_of(node)
+    if call is not None and call.has("alpha") and call.arg("alpha") not in (None, 1, 1.0):
+        return False
+    data = [v for v in node.inputs if v is not None]
+    out = node.outputs[0]
+    return (
+        len(data) == 2
+        and out.shape is not None
+        and all(not v.is_initializer and v.shape == out.shape and v.dtype == out.dtype for v in data)
+    )
+
+
+def _data_use(use) -> bool:
+    """A use that reads the values, not only the shape or dtype (torch.export's metadata checks)."""
+    if use.node.kind is OpKind.SHAPE:
+        return False
+    roles = input_roles(use.node) or ()
+    return not (use.index < len(roles) and roles[use.index] is Role.LIKE)
+
+
+def _only_reader(value: Value) -> Node | None:
+    """The single node reading `value`'s data, if there is exactly one and it is no graph output."""
+    readers = [u.node for u in value.uses() if _data_use(u)]
+    return readers[0] if len(readers) == 1 and not value.is_graph_output else None
+
+
+def _add_tree(root: Node) -> tuple[list[Value], list[Node]]:
+    """The leaves of the sum under `root` and its inner nodes (adds and dtype-keeping casts whose
+    results only the tree reads), inner nodes in graph order."""
+    leaves, inner = [], []
+
+    def expand(node: Node) -> None:
+        for operand in node.inputs:
+            links, value = [], operand
+            while (
+                value.producer is not None
+                and value.producer.kind in (OpKind.CAST, OpKind.IDENTITY)
+                and _only_reader(value) is not None
+                and is_pure(value.producer)
+                and len([v for v in value.producer.inputs if v is not None]) == 1
+                and value.producer.inputs[0].dtype == value.dtype
+            ):
+                links.append(value.producer)
+                value = value.producer.inputs[0]
+            producer = value.producer
+            if producer is not None and _is_sum(producer) and _only_reader(value) is not None:
+                inner.extend([*links, producer])
+                expand(producer)
+            else:
+                leaves.append(operand)
+
+    expand(root)
+    order = root.graph.node_order() if inner else {}
+    return leaves, sorted(inner, key=order.__getitem__)
+
+
+def _term(leaf: Value) -> _Term | str | None:
+    """The linear output `leaf` is (through reshapes that keep the last axis, identities and one
+    bias add), None when it is none, or why it cannot be fused."""
+    chain, bias_add, biases, value = [], None, [], leaf
+    while True:
+        node = value.producer
+        if node is None:
+            return None
+        if _linear_params(node) is not None and _data_index(node) is not None:
+            break
+        if node.kind is OpKind.ADD and bias_add is None and _bias_of(node) is not None:
+            bias_add = node
+            chain.append(node)
+            biases.append(node.inputs[_bias_of(node)])
+            value = node.inputs[1 - _bias_of(node)]
+            continue
+        roles = input_roles(node) or ()
+        data = [i for i, r in enumerate(roles) if r is Role.DATA and node.inputs[i] is not None]
+        if (
+            node.kind in (OpKind.LAYOUT, OpKind.IDENTITY)
+            and len(data) == 1
+            and len(node.outputs) == 1
+            and value.shape
+            and node.inputs[data[0]].shape
+            and value.shape[-1] == node.inputs[data[0]].shape[-1]
+            and _keeps_last_axis(node, data[0])
+        ):
+            if not is_pure(node):
+                return f"{leaf.name!r} passes through {node.name}, which is not pure (dropout in training?)"
+            chain.append(node)
+            value = node.inputs[data[0]]
+            continue
+        return None
+    linear = node
+    weight, bias, _ = _linear_params(linear)
+    if bias is not None:
+        biases.insert(0, bias)
+    for v in [linear.outputs[0], *(n.outputs[0] for n in chain)]:
+        if _only_reader(v) is None:
+            return f"{v.name!r} (from {linear.name}) is also read elsewhere"
+    for v in [weight, *biases]:
+        if v.consumers() != [linear if v is weight or v is bias else bias_add] or v.is_graph_output:
+            return f"{linear.name} shares {v.name!r} with another op"
+    data = linear.inputs[_data_index(linear)]
+    if data.shape is None or any(d is None for d in data.shape):
+        return f"{linear.name} reads {data.name!r} of unknown shape"
+    return _Term(leaf, linear, data, weight, biases, bias_add, chain)
+
+
+def _bias_of(node: Node) -> int | None:
+    """Which input of an add is a per-channel constant vector along the other's last axis."""
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return None
+    out = node.outputs[0]
+    for i, v in enumerate(node.inputs):
+        other = node.inputs[1 - i]
+        if (
+            v.is_initializer
+            and not other.is_initializer
+            and v.shape is not None
+            and out.shape
+            and other.shape == out.shape
+            and tuple(d for d in v.shape if d != 1) == (out.shape[-1],)
+            and v.shape[-1] == out.shape[-1]
+        ):
+            return i
+    return None
+
+
+def _compatible(a: _Term, b: _Term) -> bool:
+    """The two outputs can share one MatMul: same width and dtype, data of the same leading
+    shape, and the same reshapes between the MatMul and the sum."""
+    wa, wb = a.matrix(), b.matrix()
+    if wa.shape[1] != wb.shape[1] or a.weight.dtype != b.weight.dtype or a.data.dtype != b.data.dtype:
+        return False
+    if a.data.shape[:-1] != b.data.shape[:-1] or len(a.wrappers) != len(b.wrappers):
+        return False
+    for x, y in zip(a.wrappers, b.wrappers):  # a bias commutes with them: its place is free
+        if (x.op_type, x.domain, x.kind) != (y.op_type, y.domain, y.kind) or not _same_attrs(x, y):
+            return False
+        ix, iy = _data_slot(x), _data_slot(y)
+        if len(x.inputs) != len(y.inputs):
+            return False
+        for i, (u, v) in enumerate(zip(x.inputs, y.inputs)):
+            if i == ix and i == iy:
+                continue
+            if u is v:
+                continue
+            same_const = (
+                u is not None
+                and v is not None
+                and u.is_initializer
+                and v.is_initializer
+                and np.array_equal(numpy_of(u.payload), numpy_of(v.payload))
+            )
+            if not same_const:
+                return False
+    return True
+
+
+def _shared_partial_sum(root: Node, leaves: list[Value]) -> str:
+    """Why a sum with one linear output has no second one: a leaf is itself a sum with a linear
+    output that something else also reads (the layer is sequential); "" when not so."""
+    for leaf in leaves:
+        base = through_casts(leaf)
+        producer = base.producer
+        if producer is None or not _is_sum(producer):
+            continue
+        if any(isinstance(_term(v), _Term) for v in producer.inputs):
+            path = {root, *(v.producer for v in _cast_path(leaf, base))}
+            readers = [u.node.name for u in base.uses() if _data_use(u) and u.node not in path]
+            if readers:
+                return (
+                    f"the partial sum {leaf.name!r} is also read by {readers[0]} "
+                    "(a sequential layer; apply parallel first)"
+                )
+    return ""
+
+
+def _cast_path(leaf: Value, base: Value) -> list[Value]:
+    """The values from `leaf` down to (not including) `base` through casts."""
+    path = []
+    while leaf is not base:
+        path.append(leaf)
+        leaf = leaf.producer.inputs[0]
+    return path

@@ -3,6 +3,8 @@
 Sequential pre-norm: h = x + A(N1 x); x' = h + M(N2 h). Parallel (GPT-NeoX's
 `use_parallel_residual=True`): x' = x + A(N1 x) + M(N2 x). With `shared_norm=true` the MLP
 reads the attention's norm, x' = x + A(N1 x) + M(N1 x) (GPT-J / PaLM), and N2 goes.
+Post-norm layers (BERT: h = N1(x + A x), x' = N2(h + M h)) become x' = N2(h + M x): the MLP
+reads the layer's input, the skip stays h.
 
 Option `c` interpolates exactly: the second branch reads x + c * A(N1 x), so c = 1 is the
 original function and c = 0 the parallel form; `learnable=true` makes c a parameter to anneal
@@ -23,6 +25,7 @@ from rescompile.ir import Graph, OpKind, Value
 from rescompile.ir.regions import Region, remove, replace_entry
 
 from ._branch import insert_op, new_param
+from ._streams import through_casts
 
 __all__ = ["ParallelPass"]
 
@@ -69,13 +72,16 @@ class ParallelPass(PassBase):
             first, second = layer.sites
             if first.kind != "identity" or second.kind != "identity":
                 raise PassError(f"parallel: site {second.name}: projection shortcuts keep their order")
-            if second.fork is not first.output:
+            post = _post_norm_of(second, first)
+            if not post and not _reads_output(second, first):
                 raise PassError(
-                    f"parallel: site {second.name} reads {second.fork.name!r}, not the previous add's "
-                    f"output: only pre-norm layers can run their branches side by side"
+                    f"parallel: site {second.name} reads {second.fork.name!r}, neither the previous "
+                    "add's output (pre-norm) nor a norm of it (post-norm)"
                 )
+            if post and self.options.shared_norm:
+                raise PassError(f"parallel: site {second.name}: shared_norm needs a pre-norm layer")
             branch = Region.of_branch(second)
-            source = self._source(graph, first, second)
+            source = self._post_source(graph, first, second) if post else self._source(graph, first, second)
             if self.options.shared_norm:
                 self._share_norm(graph, first, second, branch)
             else:
@@ -100,6 +106,30 @@ class ParallelPass(PassBase):
             name=f"{second.name}/x_ca",
         )
 
+    def _post_source(self, graph: Graph, first, second) -> Value:
+        """Post-norm (BERT): h = N1(x + A(x)) and x' = N2(h + M(h)). The MLP reads x, or
+        x + c * (h - x) when c != 0 or c is learnable; the skip stays h, so
+        x' = N2(h + M(x)) at c = 0."""
+        o = self.options
+        if o.c == 0.0 and not o.learnable:
+            return first.fork
+        c = new_param(graph, self.name, second, "c", o.c, trainable=o.learnable)
+        entry = second.nodes[0]  # the branch's first node: after h, before anything reads the source
+        step = insert_op(
+            graph,
+            "Sub",
+            [second.fork, first.fork],
+            before=entry,
+            pass_name=self.name,
+            name=f"{second.name}/h_x",
+        )
+        scaled = insert_op(
+            graph, "Mul", [step, c], before=entry, pass_name=self.name, name=f"{second.name}/c_hx"
+        )
+        return insert_op(
+            graph, "Add", [first.fork, scaled], before=entry, pass_name=self.name, name=f"{second.name}/x_chx"
+        )
+
     def _share_norm(self, graph: Graph, first, second, branch: Region) -> None:
         n1, n2 = _leading_norm(first), _leading_norm(second)
         if n1 is None or n2 is None:
@@ -110,6 +140,24 @@ class ParallelPass(PassBase):
                 if value is n2.outputs[0]:
                     node.replace_input_with(i, n1.outputs[0])
         remove(Region(graph, [n2]), replace={})
+
+
+def _reads_output(second, first) -> bool:
+    """The second branch reads the first add's output, directly or through dtype-keeping casts
+    (HF LLaMA's RMSNorm reads x.to(float32) of a float32 stream)."""
+    fork = second.fork
+    return through_casts(fork) is first.output and fork.dtype == first.output.dtype
+
+
+def _post_norm_of(second, first) -> bool:
+    """The second branch reads a norm of the first add's output (a post-norm layer)."""
+    producer = through_casts(second.fork).producer
+    return (
+        first.norm == "post"
+        and producer is not None
+        and producer.kind is OpKind.NORM
+        and through_casts(producer.inputs[0]) is first.output
+    )
 
 
 def _leading_norm(site):

@@ -9,7 +9,7 @@ import torch
 import rescompile
 from rescompile.errors import RescompileError
 from rescompile.validation import assert_close
-from tools.models import cached_onnx
+from tools.models import bert, cached_onnx
 
 
 def neox(parallel: bool, layers: int = 2):
@@ -96,6 +96,36 @@ def test_parallel_on_onnx_runs_and_c_one_is_exact(tmp_path):
     assert result.validation.ok
 
 
-def test_post_norm_layers_are_refused_with_a_reason():
-    with pytest.raises(RescompileError, match="pre-norm"):
-        rescompile.apply(str(cached_onnx("bert")), ["parallel"])
+def post_norm_parallel_reference(model, c: float = 0.0):
+    """HF BERT's own modules called the post-norm parallel way: h = N1(x + A x) as in the layer,
+    then x' = N2(h + M(x + c (h - x))) (c = 0: the MLP reads the layer's input)."""
+
+    def forward(input_ids, attention_mask):
+        assert bool(attention_mask.all())  # no padding: attention without a mask is the same
+        x = model.embeddings(input_ids=input_ids)
+        for layer in model.encoder.layer:
+            h = layer.attention(x)[0]
+            x = layer.output(layer.intermediate(x + c * (h - x)), h)
+        return x
+
+    return forward
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5])
+def test_post_norm_bert_equals_its_modules_called_in_parallel(c):
+    case = bert()
+    out = rescompile.apply(case.module, [f"parallel:c={c}"], example_kwargs=case.kwargs)
+    with torch.no_grad():
+        want = post_norm_parallel_reference(case.module, c)(**case.kwargs).numpy()
+        assert_close(_hidden(out(**case.kwargs)), want)
+        assert not np.allclose(_hidden(case.module(**case.kwargs)), want, atol=1e-4)  # it differs
+
+
+def test_post_norm_c_one_is_exact_and_shared_norm_is_refused(tmp_path):
+    out = tmp_path / "p.onnx"
+    result = rescompile.pipeline.compile_model(
+        str(cached_onnx("bert")), ["parallel:c=1,learnable=true"], output=out, validate=True
+    )
+    assert result.result.stats["0:parallel"]["layers"] == 2 and result.validation.ok
+    with pytest.raises(RescompileError, match="shared_norm needs a pre-norm layer"):
+        rescompile.apply(str(cached_onnx("bert")), ["parallel:shared_norm=true"])
