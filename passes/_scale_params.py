@@ -20,11 +20,11 @@ from collections.abc import Callable
 import numpy as np
 
 from rescompile.ir import Graph, Node, OpKind, Value
-from rescompile.ir.ops import Keep, axis_map
+from rescompile.ir.ops import Keep, _is_attribute_ref, axis_map
 
 from ._branch import channel_axis, numpy_of
 
-__all__ = ["ScaleRefused", "scale_output"]
+__all__ = ["ScaleRefused", "literal_factor", "scale_output"]
 
 _RESHAPES = {
     "Reshape",
@@ -139,6 +139,14 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
                 )
             )
             return edits
+        if node.kind is OpKind.MUL and len(live) == 1 and not consts and _literal_multiplier(node):
+            # torch's `x * 0.5` (a Python number, where ONNX has a constant initializer)
+            if factor.ndim != 0:
+                raise ScaleRefused(
+                    f"{node.name} multiplies by a number, which cannot take a per-channel factor"
+                )
+            edits.append(_scale_literal(node, float(factor)))
+            return edits
         if node.kind is OpKind.ADD and len(live) == 1 and len(consts) == 1:
             bias = consts[0]
             array = numpy_of(bias.payload)
@@ -188,6 +196,58 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             f"the branch ends in {node.op_type} ({node.name}), which has no parameter to scale"
         )
     raise ScaleRefused(f"no parameterised op found behind {value.name!r}")
+
+
+def _literal_keys(node: Node) -> list:
+    """Where a torch node holds a Python number argument: ("attr", name) for one the frontend
+    lifted into the node's attributes, ("arg", position) for one left in the call's arguments."""
+    attrs = node.attrs
+    if node.domain != "torch" or not isinstance(attrs.get("args"), tuple):
+        return []
+    keys = []
+    for i, arg in enumerate(attrs["args"]):
+        name = arg.name if _is_attribute_ref(arg) else None
+        if name is not None and _is_number(attrs.get(name)):
+            keys.append(("attr", name))
+        elif _is_number(arg):
+            keys.append(("arg", i))
+    return keys
+
+
+def _is_number(obj) -> bool:
+    return isinstance(obj, (int, float)) and not isinstance(obj, bool)
+
+
+def _literal_multiplier(node: Node) -> bool:
+    return len(_literal_keys(node)) == 1
+
+
+def literal_factor(node: Node) -> float | None:
+    """The number a torch multiply `x * 0.5` multiplies by (None for anything else): what an
+    ONNX graph holds as a constant initializer, for passes that must treat both alike."""
+    if node.kind is not OpKind.MUL or not _literal_multiplier(node):
+        return None
+    if sum(v is not None and not v.is_initializer for v in node.inputs) != 1:
+        return None
+    ((where, key),) = _literal_keys(node)
+    return float(node.attrs[key] if where == "attr" else node.attrs["args"][key])
+
+
+def _scale_literal(node: Node, factor: float) -> Callable[[], None]:
+    """The edit that multiplies the node's one number argument by `factor`."""
+    ((where, key),) = _literal_keys(node)
+
+    def edit() -> None:
+        attrs = dict(node.attrs)
+        if where == "attr":
+            attrs[key] = float(attrs[key]) * factor
+        else:
+            args = list(attrs["args"])
+            args[key] = float(args[key]) * factor
+            attrs["args"] = tuple(args)
+        node.attrs = attrs
+
+    return edit
 
 
 def _param_input(node: Node, index: int | None, what: str) -> Value | None:

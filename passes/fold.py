@@ -24,7 +24,7 @@ from rescompile.infra import PassBase, PassResult, sites_option
 from rescompile.ir import Graph, OpKind
 
 from ._branch import channel_count
-from ._scale_params import ScaleRefused, numpy_of, scale_output
+from ._scale_params import ScaleRefused, literal_factor, numpy_of, scale_output
 
 __all__ = ["FoldPass"]
 
@@ -71,16 +71,21 @@ class FoldPass(PassBase):
         if (
             mul is None
             or mul.kind is not OpKind.MUL
-            or len(mul.inputs) != 2
+            or (len(mul.inputs) != 2 and literal_factor(mul) is None)
             or branch.consumers() != [site.add]
         ):
             return "no factor"
         consts = [v for v in mul.inputs if v is not None and v.is_initializer]
-        if len(consts) != 1:
+        number = literal_factor(mul)  # torch's `branch * 0.5`: ONNX holds it as a constant
+        if number is not None:
+            inner = next(v for v in mul.inputs if v is not None)
+            factor = np.float64(number)
+        elif len(consts) != 1:
             return "no factor"
-        factor_value = consts[0]
-        inner = mul.inputs[1 - mul.inputs.index(factor_value)]
-        factor = numpy_of(factor_value.payload).astype(np.float64)
+        else:
+            factor_value = consts[0]
+            inner = mul.inputs[1 - mul.inputs.index(factor_value)]
+            factor = numpy_of(factor_value.payload).astype(np.float64)
         squeezed = np.squeeze(factor)
         if squeezed.ndim == 1:
             try:

@@ -63,8 +63,6 @@ class LoopPass(PassBase):
                 f"loop: site {site.name}: the run maps shape {entry.shape} to {exit.shape}; "
                 "a loop needs the same shape in and out"
             )
-        if exit.is_graph_output:
-            raise PassError(f"loop: site {site.name}: the run's output {exit.name!r} is a graph output")
         region = Region.between([entry], [exit])
         readers = [(u.node, u.index) for u in exit.uses() if u.node not in region]
         current = self._step(graph, site, 1, entry, exit, 1.0)
@@ -73,6 +71,12 @@ class LoopPass(PassBase):
             current = self._step(graph, site, i, current, copied[exit], self.options.init)
         for node, index in readers:
             node.replace_input_with(index, current)
+        if exit.is_graph_output:
+            # A model whose last block is its output (a torch module returning the add): the
+            # loop's result takes the output's place and its name (the names swap, so both stay
+            # unique), so an ONNX output keeps its name.
+            exit.name, current.name = current.name, exit.name
+            graph.set_outputs([current if v is exit else v for v in graph.outputs])
         return PassResult(graph, modified=True, stats={"blocks": len(run), "loops": self.options.n})
 
     def _run(self, analysis) -> list:

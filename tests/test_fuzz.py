@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 from fuzzgen import STYLES, Builder, Program, feeds, programs, to_onnx, to_torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
@@ -63,8 +63,9 @@ PROFILE = os.environ.get(
 
 
 def _settings(share: float) -> settings:
-    """This test's share of the budget (the detection test counts twice, each pass once)."""
-    total = 2 + len(KNOWN_PASSES)
+    """This test's share of the budget (the detection test counts twice, each pass once, or as
+    SHARES says)."""
+    total = 2 + sum(SHARES.get(name, 1) for name in KNOWN_PASSES)
     return settings(settings.get_profile(PROFILE), max_examples=max(2, round(EXAMPLES * share / total)))
 
 
@@ -122,7 +123,68 @@ KNOWN_PASSES: dict[str, dict[str, st.SearchStrategy]] = {
     },
     "depthscale": {"mode": st.sampled_from(("sqrt", "linear")), "compensate": _BOOL},
     "fold": {},
+    # ----- wave 2 -----
+    # compress: params= always (latency= times the runtime: its choices differ run to run, so
+    # the frontends could not agree); few steps, it re-measures the model for every candidate.
+    "compress": {
+        "*budget": st.fixed_dictionaries({"params": st.sampled_from(("0.5", "0.7", "0.9"))}),
+        "step": st.sampled_from(("0.1", "0.25", "0.5")),
+        "importance": st.sampled_from(("l2", "l1", "activation")),
+        "max_steps": st.integers(1, 3).map(str),
+    },
+    "drop": {
+        # n, ratio or sites= (naming the units), one of them (sites with n or ratio is refused)
+        "*count": st.one_of(
+            st.just({}),
+            st.integers(1, 3).map(lambda n: {"n": str(n)}),
+            st.sampled_from(("0.25", "0.5", "0.75")).map(lambda r: {"ratio": r}),
+            _selector().map(lambda s: {"sites": s}),
+        ),
+        "unit": st.sampled_from(("block", "branch")),
+        "metric": st.sampled_from(("bi", "angular", "greedy", "norm")),
+        "replace": st.sampled_from(("identity", "linear")),
+    },
+    "fuse": {"norms": _BOOL, "inputs": _BOOL},
+    "ladder": {
+        "c": st.sampled_from(("0", "1", "0.5")),
+        "learnable": _BOOL,
+        "layers": st.integers(0, 3).map(str),
+    },
+    "loop": {"n": st.integers(2, 3).map(str), "init": st.sampled_from(("0", "0", "0.5"))},
+    "macaron": {},
+    "parallel": {
+        "*c": st.one_of(
+            st.sampled_from(("0", "1", "0.5")).map(lambda c: {"c": c}),
+            st.just({"c": "0", "shared_norm": "true"}),
+        ),
+        "learnable": _BOOL,
+    },
+    # taylor is torch-only (ONNX refuses it by design), so the frontends cannot agree on it.
+    "prune": {
+        "ratio": st.sampled_from(("0.1", "0.3", "0.5", "0.8")),
+        "uniform": _BOOL,
+        "target": st.sampled_from(("mlp", "heads", "channels", "stream", "mlp|heads|channels", "mlp|stream")),
+        "importance": st.sampled_from(("l2", "l1", "random", "activation")),
+        "refit": st.sampled_from(("auto", "none", "bias", "least_squares")),
+        "round_to": st.integers(1, 4).map(str),
+        "min_keep": st.integers(1, 2).map(str),
+        "seed": st.integers(0, 3).map(str),
+    },
+    "rk2": {
+        "*coefficients": st.one_of(
+            st.sampled_from(("heun", "midpoint")).map(lambda m: {"method": m}),
+            st.fixed_dictionaries(
+                {}, optional={k: st.sampled_from(("0", "0.5", "1")) for k in ("a", "b", "c")}
+            ).filter(lambda d: (d.get("a"), d.get("b", "0")) != ("0", "0")),  # a = b = 0 is refused
+        ),
+        "learnable": _BOOL,
+        "scope": st.sampled_from(("branch", "layer")),
+    },
+    "shallow": {"k": st.integers(2, 3).map(str)},
 }
+# Share of the budget per pass (1 each, the detection test 2): compress re-measures the model
+# for every candidate action of every step, many times the cost of any other pass.
+SHARES = {"compress": 0.3}
 # fold needs factors to fold: it runs after one of these function-preserving passes (or alone).
 _FOLD_PREFIXES = (None, "rezero", "layerscale", "laurel:variant=rw", "depthscale:compensate=true")
 # Compensation that is exact only up to the norms' eps (README: decay, deepnorm).
@@ -133,8 +195,13 @@ _EXACT_WITHOUT_EPS = ("decay", "deepnorm")
 def pass_specs(draw, name: str) -> list[str]:
     """Spec strings for the pass `name` with drawn options (fold: maybe after a gating pass)."""
     fields = {f.name for f in dataclasses.fields(PASSES[name].Options)}
-    options = {k: draw(s) for k, s in KNOWN_PASSES[name].items() if draw(st.booleans())}
-    if "sites" in fields and draw(st.booleans()):
+    options = {}
+    for key, strategy in KNOWN_PASSES[name].items():
+        if key.startswith("*"):  # options drawn together (exclusive or required ones): always
+            options.update(draw(strategy))
+        elif draw(st.booleans()):
+            options[key] = draw(strategy)
+    if "sites" in fields and "sites" not in options and name != "drop" and draw(st.booleans()):
         options["sites"] = draw(_selector())
     if "streams" in fields and draw(st.booleans()):
         options["streams"] = draw(_streams())
@@ -221,13 +288,34 @@ def _numpy_of(payload):
     return numpy_of(payload)
 
 
+_TIMINGS = ("seconds",)  # stats that time the run (compress): they differ run to run
+
+
 def _stats_shape(stats):
-    """Stats without the names of sites (which differ between the frontends): strings -> '*'."""
+    """Stats without the names of sites (which differ between the frontends): strings -> '*',
+    and drop's scores (keyed by unit name) -> their values in unit order."""
     if isinstance(stats, dict):
-        return {k: _stats_shape(v) for k, v in stats.items()}
+        return {
+            k: _stats_shape(list(v.values()) if k == "scores" else v)
+            for k, v in stats.items()
+            if k not in _TIMINGS
+        }
     if isinstance(stats, (list, tuple)):
         return [_stats_shape(v) for v in stats]
     return "*" if isinstance(stats, str) else stats
+
+
+def _same_stats(a, b) -> bool:
+    """Equal stats, measured numbers (scores, output changes) within float noise: the frontends
+    compute them in different runtimes."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_stats(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_stats, a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        return numbers and abs(a - b) <= 1e-4 + 1e-3 * abs(b)
+    return a == b
 
 
 def _outputs(result) -> list[torch.Tensor]:
@@ -235,15 +323,26 @@ def _outputs(result) -> list[torch.Tensor]:
 
 
 class Outcome:
-    def __init__(self, refused: str | None = None, stats=None, sites=None) -> None:
-        self.refused, self.stats, self.sites = refused, stats, sites
+    def __init__(self, refused: str | None = None, stats=None, sites=None, outputs=None) -> None:
+        self.refused, self.stats, self.sites, self.outputs = refused, stats, sites, outputs
 
 
-def _run(graph, specs: list[str], ctx: str) -> Outcome | dict:
+CALIBRATION_SEEDS = (1, 2)
+
+
+def calibration(program: Program, torch_tensors: bool) -> list[tuple]:
+    """The same calibration batches for both frontends (positional, in input order): without
+    them each draws its own random inputs, and measured choices could not be compared."""
+    batches = [tuple(feeds(program, seed).values()) for seed in CALIBRATION_SEEDS]
+    return [tuple(map(torch.from_numpy, b)) for b in batches] if torch_tensors else batches
+
+
+def _run(graph, specs: list[str], ctx: str, batches=None) -> Outcome | dict:
     """Run the passes on `graph` one by one (stats keyed as the PassManager keys them); a pass
     that refuses must say why in one line and leave the graph as that pass found it."""
     stats = {}
     for i, pass_ in enumerate(build_passes(specs)):
+        pass_.calibration = batches
         before = fingerprint(graph)
         try:
             result = run_passes(graph, [pass_])
@@ -268,7 +367,7 @@ def check_onnx_path(program: Program, specs: list[str], preserving: bool) -> Out
     graph = load(model)
     with prop("onnx-detect", ctx):
         check_detection(program, graph, "onnx")
-    result = _run(graph, specs, ctx)
+    result = _run(graph, specs, ctx, calibration(program, torch_tensors=False))
     if isinstance(result, Outcome):
         return result
     exported = _export(graph, None, True)
@@ -285,7 +384,7 @@ def check_onnx_path(program: Program, specs: list[str], preserving: bool) -> Out
         with prop("onnx-preserves", ctx):
             for name in reference:
                 assert_close(got[name], reference[name], name=name)
-    return Outcome(stats=_stats_shape(result), sites=_sites4(graph))
+    return Outcome(stats=_stats_shape(result), sites=_sites4(graph), outputs=list(got.values()))
 
 
 def _sites4(graph) -> list[tuple]:
@@ -302,7 +401,7 @@ def check_torch_path(program: Program, specs: list[str], preserving: bool) -> Ou
     graph = load(module, args, dynamic=False)
     with prop("torch-detect", ctx):
         check_detection(program, graph, "torch")
-    result = _run(graph, specs, ctx)
+    result = _run(graph, specs, ctx, calibration(program, torch_tensors=True))
     with prop("input-unchanged", ctx):  # parameters are shared with the graph, never written
         now = module.state_dict()
         assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
@@ -330,7 +429,7 @@ def check_torch_path(program: Program, specs: list[str], preserving: bool) -> Ou
         assert not missing, f"no gradient for {missing[:4]}"
         bad = [n for n, p in params if not torch.isfinite(p.grad).all()]
         assert not bad, f"non-finite gradient for {bad[:4]}"
-    return Outcome(stats=_stats_shape(result), sites=_sites4(graph))
+    return Outcome(stats=_stats_shape(result), sites=_sites4(graph), outputs=got)
 
 
 def check_pass(program: Program, specs: list[str]) -> None:
@@ -347,10 +446,16 @@ def check_pass(program: Program, specs: list[str]) -> None:
         assert (onnx_out.refused is None) == (torch_out.refused is None), (
             f"onnx: {onnx_out.refused or 'ok'}; torch: {torch_out.refused or 'ok'}"
         )
-        assert onnx_out.stats == torch_out.stats, f"stats onnx {onnx_out.stats} torch {torch_out.stats}"
+        assert _same_stats(onnx_out.stats, torch_out.stats), (
+            f"stats onnx {onnx_out.stats} torch {torch_out.stats}"
+        )
         assert onnx_out.sites == torch_out.sites, (
             f"sites after: onnx {onnx_out.sites} torch {torch_out.sites}"
         )
+        # The same choices (units pruned, blocks dropped, sites rewritten) give the same
+        # function: the two rewritten models agree on the same inputs.
+        for i, (o, t) in enumerate(zip(onnx_out.outputs or (), torch_out.outputs or ())):
+            assert_close(t, o, name=f"rewritten output[{i}], torch vs onnx")
     if onnx_out.refused is not None:
         STATS[key]["refused"] += 1
         STATS[key]["why: " + re.sub(r"\b(res|add_?)\d+\b|\d+", "N", onnx_out.refused)[:120]] += 1
@@ -397,14 +502,41 @@ def _pass_params():
 
 
 @pytest.mark.parametrize("name", list(_pass_params()))
-@_settings(1)
-@given(data=st.data())
-def test_pass_properties(name, data):
-    # A third of the models are pure pre-norm or post-norm stacks, which stream-level passes and
-    # deepnorm accept; a model of the other kinds they mostly refuse.
-    program = data.draw(programs(style=data.draw(st.sampled_from(STYLES))), label="program")
-    specs = data.draw(pass_specs(name), label="specs")
-    check_pass(program, specs)
+def test_pass_properties(name):
+    # Each pass its own share of the budget (a settings decorator cannot vary by parameter).
+    def fuzz(data):
+        # A third of the models are pure pre-norm or post-norm stacks, which stream-level passes
+        # and deepnorm accept; a model of the other kinds they mostly refuse.
+        program = data.draw(programs(style=data.draw(st.sampled_from(STYLES))), label="program")
+        specs = data.draw(pass_specs(name), label="specs")
+        try:
+            check_pass(program, specs)
+        except PropertyFailed as exc:
+            if not _known_defect(name, exc):
+                raise
+            STATS[name]["known"] += 1  # counted, not shrunk again: its regression test is xfail
+            reject()
+
+    fuzz._hypothesis_internal_add_digest = name.encode()  # derandomized: its own examples per pass
+    _settings(SHARES.get(name, 1))(given(data=st.data())(fuzz))()
+
+
+# Defects found in passes another change owns: each has a strict-xfail regression test in
+# tests/test_fuzz_regressions.py; the fuzz tests count matching failures as "known" and go on
+# exploring. (pass, property, what the message says, the regression test.) Delete a row when its
+# test passes.
+KNOWN_DEFECTS = [
+    ("fuse", "parity", r"'refused'", "test_regression_fuse_refusals_alike_in_both_frontends"),
+    ("prune", "parity", r"'groups'", "test_regression_prune_finds_the_same_mlp_groups_in_both_frontends"),
+    ("prune", "torch-runs", r"unflatten", "test_regression_prune_head_width_behind_unflatten"),
+    ("compress", "parity", r"unflatten", "test_regression_prune_head_width_behind_unflatten"),
+    ("fold", "parity", r"layerscale", "test_regression_fold_per_channel_factor_into_a_number"),
+    ("parallel", "parity", r"onnx: pass", "test_regression_parallel_refuses_alike_in_both_frontends"),
+]
+
+
+def _known_defect(name: str, exc: PropertyFailed) -> bool:
+    return any(p == name and exc.prop == q and re.search(r, str(exc)) for p, q, r, _ in KNOWN_DEFECTS)
 
 
 def test_every_known_pass_is_registered():
@@ -481,18 +613,23 @@ def test_regression_branch_ending_in_a_gelu_op(specs):
     check_pass(_pre_norm_stack(act="gelu"), specs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a constant multiply ending a branch (here GELU written out, (x * (erf(x / sqrt 2) + 1)) "
-    "* 0.5) is an initializer in ONNX, which compensate and fold scale, but a Python literal in "
-    "torch's aten.mul, which they refuse: the frontends choose differently",
-)
 @pytest.mark.parametrize(
     "specs",
-    [["depthscale:compensate=true"], ["depthscale:compensate=true", "fold"], ["rezero:init=0.5", "fold"]],
+    [
+        ["depthscale:compensate=true"],
+        ["depthscale:compensate=true", "fold"],
+        ["rezero:init=0.5", "fold"],
+    ],
 )
 def test_regression_branch_ending_in_a_constant_multiply(specs):
-    check_pass(_pre_norm_stack(act="gelu", manual=True), specs)
+    """A branch ending in a constant multiply (GELU written out, (x * (erf(x / sqrt 2) + 1)) * 0.5):
+    an initializer in ONNX, which compensate and fold scaled, but a Python number in torch's
+    aten.mul, which they refused, so the frontends chose differently. Both scale it now by a
+    scalar factor (a per-channel one: tests/test_fuzz_regressions.py, xfail)."""
+    program = _pre_norm_stack(act="gelu", manual=True)
+    check_pass(program, specs)
+    if specs[0].startswith("depthscale"):
+        assert check_torch_path(program, specs, preserving=True).refused is None
 
 
 def _batchnorm_cnn(placement: str, blocks: int = 2) -> Program:

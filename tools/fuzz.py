@@ -55,7 +55,9 @@ def _worker(key: str, examples: int, profile: str) -> tuple[str, dict, list[tupl
     except BaseException as exc:  # noqa: B036 - report everything, including hypothesis's groups
         for leaf in _leaves(exc):
             prop = getattr(leaf, "prop", "") or f"crash:{type(leaf).__name__}"
-            failures.append((prop, str(leaf).splitlines()[0][:300] if str(leaf) else "", "\n".join(lines)))
+            notes = getattr(leaf, "__notes__", [])  # hypothesis puts the falsifying example here
+            report = "\n".join([*lines, *map(str, notes)])
+            failures.append((prop, str(leaf).splitlines()[0][:300] if str(leaf) else "", report))
     return key, dict(test_fuzz.STATS[key]), failures, time.perf_counter() - start
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     props = sorted({p for _, _, failures, _ in results for p, _, _ in failures})
     seconds = time.perf_counter() - start
     print(f"\nfuzz: {args.examples} examples ({args.profile}), {args.jobs} jobs, {seconds:.0f} s")
-    head = ["test", "runs", "refused", "fn checked", "failures"] + props
+    head = ["test", "runs", "refused", "fn checked", "known", "failures"] + props
     rows = []
     for key, stats, failures, _ in results:
         by_prop = Counter(p for p, _, _ in failures)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats.get("runs", 0),
                 stats.get("refused", "-"),
                 stats.get("preserving", "-"),
+                stats.get("known", 0),
                 len(failures),
             ]
             + [by_prop.get(p, 0) for p in props]
@@ -119,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))
             )
         )
-    print("runs count every call of a test, shrinking included; refused: a pass refused the model")
+    print(
+        "runs count every call of a test, shrinking included; refused: a pass refused the model; "
+        "known: a failure of a defect with a strict-xfail regression test (test_fuzz.KNOWN_DEFECTS)"
+    )
     if skipped:
         print(f"not fuzzed (not in tests/test_fuzz.py KNOWN_PASSES): {', '.join(skipped)}")
     if args.reasons:
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {key:10} {count:5}  {why[5:]}")
     failed = [(key, f) for key, _, failures, _ in results for f in failures]
     for key, (prop, message, report) in failed:
-        print(f"\n=== {key}: [{prop}] {message}\n{report}")
+        print(f"\n=== {key}: {message if message.startswith('[') else f'[{prop}] {message}'}\n{report}")
     return 1 if failed else 0
 
 

@@ -213,6 +213,16 @@ class _Facts:
                 params = sum(self.param_size.get(v, 0) for v in node.inputs if v is not None)
                 if params > 0:
                     self.weighted[node] = params
+            elif node.kind is OpKind.ADD and len(node.inputs) == 2:
+                # A linear's bias added after it (ONNX MatMul + Add; torch's linear holds it):
+                # counted with the linear, so branch sizes do not depend on the frontend.
+                for data, bias in (node.inputs, node.inputs[::-1]):
+                    if data is None or bias is None or data.producer not in self.weighted:
+                        continue
+                    if bias.role == PARAM and bias.shape is not None and len(bias.shape) == 1:
+                        if data.consumers() == [node]:
+                            self.weighted[data.producer] += self.param_size.get(bias, 0)
+                            break
 
     def is_const(self, value: Value) -> bool:
         """Whether `value` does not depend on the data of any graph input."""

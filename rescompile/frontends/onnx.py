@@ -231,6 +231,12 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
             node.meta["onnx.metadata_props"] = dict(n.metadata_props)
         if owned:
             node.origin = n
+        if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx"):
+            # Running statistics are state, not trainable parameters (torch: buffers): as params
+            # they were counted, and scored by prune, in ONNX graphs only.
+            for stat in inputs[3:5]:
+                if stat is not None and stat.role == PARAM:
+                    stat.role = CONST
         graph.append(node)
         for o, out in zip(n.outputs, node.outputs):
             _copy_type(o, out)
