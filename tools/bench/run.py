@@ -2,7 +2,9 @@
 
 Each benchmark writes tools/bench/results/<name>.md with the command that
 produced it; this script runs them in order and concatenates the results.
-Usage: python tools/bench/run.py [--only compile,scaling,torchpath,runtime,hyper,drop,prune | none]
+Usage: python tools/bench/run.py [--only compile,scaling,large,torchpath,... | none]
+The fuzz table (tools/bench/results/fuzz.md) comes from `make fuzz`, not from here; it is
+included when present.
 """
 
 from __future__ import annotations
@@ -15,7 +17,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-ORDER = ["compile", "scaling", "torchpath", "runtime", "hyper", "drop", "prune"]
+ORDER = [
+    "compile",
+    "scaling",
+    "large",
+    "torchpath",
+    "runtime",
+    "hyper",
+    "drop",
+    "prune",
+    "prune_models",
+    "compress",
+    "cnn_refit",
+    "blocks",
+]
+FROM_ELSEWHERE = ["fuzz"]  # written by `make fuzz` (tools/fuzz.py)
 
 HEADER = """# Benchmarks
 
@@ -41,7 +57,9 @@ def main() -> None:
 def assemble() -> None:
     """Rewrite BENCHMARKS.md from the result files (`--only none` does just this)."""
     sections = [
-        (HERE / "results" / f"{n}.md").read_text() for n in ORDER if (HERE / "results" / f"{n}.md").exists()
+        (HERE / "results" / f"{n}.md").read_text()
+        for n in ORDER + FROM_ELSEWHERE
+        if (HERE / "results" / f"{n}.md").exists()
     ]
     (ROOT / "BENCHMARKS.md").write_text(HEADER + "\n" + "\n".join(sections))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
