@@ -692,9 +692,7 @@ def _like(payload, array: np.ndarray):
 def _prune(graph: Graph, cut: dict[Value, dict[int, list[int]]]) -> None:
     """Slice parameters, fix shape constants, set activation shapes; then inference must agree."""
     kept = {
-        value: {
-            axis: sorted(set(range(value.shape[axis])) - set(gone)) for axis, gone in axes.items()
-        }
+        value: {axis: sorted(set(range(value.shape[axis])) - set(gone)) for axis, gone in axes.items()}
         for value, axes in cut.items()
     }
     touched = {u.node for value in kept for u in value.uses()} | {v.producer for v in kept if v.producer}
@@ -758,6 +756,10 @@ def _fix_constants(graph: Graph, node: Node, kept: dict) -> None:
     for name in ("shape", "size"):  # reshape / view / expand targets, output axis by position
         if name in names and any(_new_size(kept, out, a) is not None for a in range(rank)):
             _edit(graph, node, name, lambda k, old, n: by_output(k, old, n))
+    for name in ("sizes", "unflattened_size"):  # unflatten(dim, sizes): output axes dim, dim + 1, ...
+        if name in names and call.arg("dim") is not None and node.inputs[0] is not None:
+            start = int(call.arg("dim")) % len(node.inputs[0].shape)
+            _edit(graph, node, name, lambda k, old, n, start=start: by_output(start + k - rank + n, old, n))
     for name in ("split", "split_size_or_sections", "split_sizes"):
         if name in names:
             _fix_split(graph, node, call, name, kept)

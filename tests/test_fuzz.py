@@ -528,10 +528,7 @@ def test_pass_properties(name):
 KNOWN_DEFECTS = [
     ("fuse", "parity", r"'refused'", "test_regression_fuse_refusals_alike_in_both_frontends"),
     ("prune", "parity", r"'groups'", "test_regression_prune_finds_the_same_mlp_groups_in_both_frontends"),
-    ("prune", "torch-runs", r"unflatten", "test_regression_prune_head_width_behind_unflatten"),
-    ("compress", "parity", r"unflatten", "test_regression_prune_head_width_behind_unflatten"),
     ("fold", "parity", r"layerscale", "test_regression_fold_per_channel_factor_into_a_number"),
-    ("parallel", "parity", r"onnx: pass", "test_regression_parallel_refuses_alike_in_both_frontends"),
 ]
 
 

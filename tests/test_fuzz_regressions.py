@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
+from hypothesis.errors import DidNotReproduce
 from test_fuzz import PropertyFailed, check_onnx_path, check_pass, check_torch_path
 
 from rescompile.api import build_passes, load, run_passes
@@ -121,16 +122,11 @@ def _one_head_attention(heads: int = 1, dh: int = 2) -> Program:
     return b.finish([b.residual(x, branch, "identity", pre=True, skip_first=True)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prune (owned elsewhere): _fix_constants rewrites `shape`/`size` arguments but not "
-    "torch.unflatten's `sizes`, so pruning the per-head width of q/k/v leaves unflatten(-1, (1, 2)) "
-    "on a tensor of width 1 (torch: RuntimeError in the rewritten module; ONNX's Reshape is fixed)",
-)
 def test_regression_prune_head_width_behind_unflatten():
     """Shrunk from ['compress:params=0.5,step=0.5,max_steps=3'] (compress's uniform width step),
     then to ['prune:uniform=true,ratio=0.5'] on one attention block with one head of width 2: the
-    q.k and v groups (the head's channels) are pruned to width 1."""
+    q.k and v groups (the head's channels) are pruned to width 1. torch.unflatten's `sizes` kept
+    (1, 2) and the torch module failed; prune now rewrites `sizes` like a reshape's `shape`."""
     check_pass(_one_head_attention(), ["prune:uniform=true,ratio=0.5"])
 
 
@@ -199,9 +195,10 @@ def test_regression_fuse_refusals_alike_in_both_frontends():
 @pytest.mark.xfail(
     strict=True,
     raises=PropertyFailed,
-    reason="prune (owned elsewhere) or the group analysis: target=mlp finds 4 prunable groups in "
-    "the ONNX graph, 3 in the torch module of one model (pre-norm tokens with GQA attention h4/kv1, "
-    "concatenated linears and a tied MLP, plus a CNN; not shrunk yet)",
+    reason="op table: torch's aten.repeat_interleave.self_int (GQA's key/value repeat, style "
+    "'interleave') has no axis map, so its heads group is opaque and unprunable in torch, while "
+    "the ONNX form (Unsqueeze, Expand, Reshape) maps: target=mlp prunes 4 groups in ONNX, 3 in "
+    "torch. Needs a Merge of the repeated axis with a new one in the op table",
 )
 def test_regression_prune_finds_the_same_mlp_groups_in_both_frontends():
     _replay(
@@ -211,15 +208,13 @@ def test_regression_prune_finds_the_same_mlp_groups_in_both_frontends():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PropertyFailed,
-    reason="parallel: ['parallel:c=0'] on post-norm tokens with GQA attention: ONNX refuses site "
-    "res7 (reads neither the previous add's output nor a norm of it), torch converts it (found at "
-    "08:59 by the make-test budget; not shrunk or fixed yet)",
-)
 def test_regression_parallel_refuses_alike_in_both_frontends():
-    _replay(
-        "parallel",
-        b"AXicdYsLCgAgCEOnHqSzrPsfqvxRECHo3PaoUwaoAu4BxZcfpYUTVppxtFx0/aIsU8/xwSX/KqWyF2rkVFssXoERyQ==",
-    )
+    """parallel:c=0 on a post-norm RMSNorm stream: ONNX's RMSNorm is several nodes, torch's one
+    rms_norm node, and the post-norm test once asked for a single norm node, so ONNX refused the
+    site torch converted. It now reads the analysis's post-norm mark. The replayed example must
+    pass every property (hypothesis then says it did not reproduce)."""
+    with pytest.raises(DidNotReproduce):
+        _replay(
+            "parallel",
+            b"AXicdYsLCgAgCEOnHqSzrPsfqvxRECHo3PaoUwaoAu4BxZcfpYUTVppxtFx0/aIsU8/xwSX/KqWyF2rkVFssXoERyQ==",
+        )
