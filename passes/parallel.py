@@ -150,14 +150,10 @@ def _reads_output(second, first) -> bool:
 
 
 def _post_norm_of(second, first) -> bool:
-    """The second branch reads a norm of the first add's output (a post-norm layer)."""
-    producer = through_casts(second.fork).producer
-    return (
-        first.norm == "post"
-        and producer is not None
-        and producer.kind is OpKind.NORM
-        and through_casts(producer.inputs[0]) is first.output
-    )
+    """The second branch reads the first add's output after a post-norm (or post-activation):
+    the analysis chained the two sites through it and marked the first one post. Whether the
+    norm is one node (torch's rms_norm) or several (ONNX's decomposed RMSNorm) does not matter."""
+    return first.norm == "post" and not _reads_output(second, first)
 
 
 def _leading_norm(site):
