@@ -527,7 +527,6 @@ def test_pass_properties(name):
 # test passes.
 KNOWN_DEFECTS = [
     ("fuse", "parity", r"'refused'", "test_regression_fuse_refusals_alike_in_both_frontends"),
-    ("prune", "parity", r"'groups'", "test_regression_prune_finds_the_same_mlp_groups_in_both_frontends"),
     ("fold", "parity", r"layerscale", "test_regression_fold_per_channel_factor_into_a_number"),
 ]
 

@@ -192,20 +192,16 @@ def test_regression_fuse_refusals_alike_in_both_frontends():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PropertyFailed,
-    reason="op table: torch's aten.repeat_interleave.self_int (GQA's key/value repeat, style "
-    "'interleave') has no axis map, so its heads group is opaque and unprunable in torch, while "
-    "the ONNX form (Unsqueeze, Expand, Reshape) maps: target=mlp prunes 4 groups in ONNX, 3 in "
-    "torch. Needs a Merge of the repeated axis with a new one in the op table",
-)
 def test_regression_prune_finds_the_same_mlp_groups_in_both_frontends():
-    _replay(
-        "prune",
-        b"AXicTY7BDcAwCAN9pB3M6v471UAfVaQQgznHPEhyIWNZ+HK0fHK6SpBnmVgqDdpX7UzPpGo2I3t8WimUbGU4iEVH"
-        b"MwnTvDuCBQ0SlvDJ6uiOWN9pSPG7kjE0fRv7EdbwAjD+FVU=",
-    )
+    """target=mlp pruned 4 groups in ONNX and 3 in torch: torch's repeat_interleave (GQA's
+    key/value repeat) had no axis map, so its group was opaque there while ONNX's Unsqueeze,
+    Expand, Reshape mapped. It maps now (a Group, one input index per block of repeats)."""
+    with pytest.raises(DidNotReproduce):
+        _replay(
+            "prune",
+            b"AXicTY7BDcAwCAN9pB3M6v471UAfVaQQgznHPEhyIWNZ+HK0fHK6SpBnmVgqDdpX7UzPpGo2I3t8WimUbGU4iEVH"
+            b"MwnTvDuCBQ0SlvDJ6uiOWN9pSPG7kjE0fRv7EdbwAjD+FVU=",
+        )
 
 
 def test_regression_parallel_refuses_alike_in_both_frontends():

@@ -559,6 +559,18 @@ def test_torch_splits_selects_and_getitem_against_the_calls():
     assert check_torch_graph(graph, (x,)) >= 15
 
 
+def test_torch_repeat_interleave_groups_each_index_with_its_repeats():
+    class Repeat(nn.Module):  # GQA: each key/value head read by two query heads
+        def forward(self, x):
+            return x.repeat_interleave(2, dim=1) * 2
+
+    module, x = Repeat(), torch.randn(2, 3, 4, 5)
+    graph, _ = torch_graph(module, x)
+    (node,) = torch_nodes(graph, "repeat_interleave")
+    assert axis_map(node).outputs[0][1] == (Group(0, 1, 3),)
+    assert check_torch_graph(graph, (x,)) >= 4
+
+
 # ----- reductions, softmax, embedding -------------------------------------------------------------
 @pytest.mark.parametrize("keepdims", [0, 1])
 def test_reduce_mean(keepdims):

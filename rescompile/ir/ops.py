@@ -1112,6 +1112,20 @@ def _repeat(call: Call) -> AxisMap | None:
     return _make_map([(New(),) if a < lead else (Keep(0, a - lead),) for a in range(len(repeats))])
 
 
+def _repeat_interleave(call: Call) -> AxisMap | None:
+    """repeat_interleave(x, r, dim): output index o of `dim` is input index o // r, each input
+    index owning r consecutive outputs (GQA's key/value heads repeated for their query heads):
+    a Group with one input index per block. Tensor repeats or no dim: opaque."""
+    x = call.shape("self")
+    repeats, dim = call.arg("repeats"), call.arg("dim")
+    if x is None or not isinstance(repeats, int) or dim is None or call.arg("output_size") is not None:
+        return None
+    axis = _axis(int(dim), len(x))
+    if not isinstance(x[axis], int):
+        return None
+    return _make_map([(Group(0, a, x[a]),) if a == axis else (Keep(0, a),) for a in range(len(x))])
+
+
 def _concat(call: Call) -> AxisMap | None:
     """Each operand sits at an offset along the axis; other axes are shared."""
     name = call.info.args[0].name
@@ -2070,6 +2084,15 @@ def _torch_ops() -> dict[str, OpInfo]:
     add("expand", OpInfo(OpKind.LAYOUT, (this, Arg("size", variadic=True)), ("size",), _expand))
     add("expand_as", OpInfo(OpKind.LAYOUT, (this, Arg("other", Role.LIKE)), axes=_expand))
     add("repeat", OpInfo(OpKind.LAYOUT, (this, Arg("repeats", variadic=True)), ("repeats",), _repeat))
+    add(
+        "repeat_interleave",
+        OpInfo(
+            OpKind.LAYOUT,
+            (this, Arg("repeats"), Arg("dim"), Arg("output_size")),
+            ("repeats", "dim", "output_size"),
+            _repeat_interleave,
+        ),
+    )
     add(
         "flatten",
         OpInfo(
