@@ -214,3 +214,27 @@ def test_regression_parallel_refuses_alike_in_both_frontends():
             "parallel",
             b"AXicdYsLCgAgCEOnHqSzrPsfqvxRECHo3PaoUwaoAu4BxZcfpYUTVppxtFx0/aIsU8/xwSX/KqWyF2rkVFssXoERyQ==",
         )
+
+
+@pytest.mark.parametrize(
+    "name, blob",
+    [
+        (
+            "loop",
+            b"AXicLYzbDcAwDALB8RL97SZ0/6HqSyL5gTjs1Pc+iqeiSGmGslK7NaTYBAyu9JjG25m5OxA8wttb9vnIuAjRtLkQodSN/+/rDkw=",
+        ),
+        (
+            "drop",
+            b"AXicXY3LEYBACEMTVgt7FmD/5cjHPegwTEgCgbjOW4SFEWpIZBHFk8h7aOBH13dtjR64Bo/HQdupZmdJvOcxf2pxB7vUynkA/ZUPgw==",
+        ),
+        ("compress", b"AXicJcvRFQAgCAJAwAaL9h8q0R8f4mk9XZowDQNWRrbySQcyWU2apeGamutY7GtS0AeB2QiL"),
+    ],
+)
+def test_regression_post_norm_blocks_end_after_a_written_out_norm(name, blob):
+    """The last block of a post-norm stream ends after its norm. That was found for torch's one
+    rms_norm node but not for ONNX's RMSNorm written out (Pow, ReduceMean, Add, Sqrt, Div, Mul),
+    so loop looped a different region (outputs 0.99 apart), drop scored different exits and
+    compress chose differently. `analysis.importance._after_post_norm` now follows a written-out
+    norm to where its ops join again; the replayed examples (the 1,000-example run's) pass."""
+    with pytest.raises(DidNotReproduce):
+        _replay(name, blob)

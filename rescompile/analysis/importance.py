@@ -160,7 +160,9 @@ def _is_activation(value: Value | None) -> bool:
 
 
 def _after_post_norm(site: ResidualSite) -> Value:
-    """The normed value a post-norm site's stream continues with (out -> norm(out))."""
+    """The normed value a post-norm site's stream continues with (out -> norm(out)): after one
+    norm node (torch's rms_norm, ONNX's LayerNormalization) or a norm written out in elementwise
+    ops and a reduction (ONNX's RMSNorm), so that both frontends end the block at the same place."""
     value = site.output
     while len(value.consumers()) == 1 and not value.is_graph_output:
         node = value.consumers()[0]
@@ -168,8 +170,56 @@ def _after_post_norm(site: ResidualSite) -> Value:
             break
         value = node.outputs[0]
         if node.kind is OpKind.NORM:
-            break
-    return value
+            return value
+    return _written_out_norm_end(value) or value
+
+
+_NORM_PARTS = frozenset(
+    {OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.ACTIVATION, OpKind.REDUCE, OpKind.CAST}
+)
+
+
+def _constant(value: Value | None) -> bool:
+    return (
+        value is None
+        or value.is_initializer
+        or (value.producer is not None and value.producer.kind is OpKind.CONSTANT)
+    )
+
+
+def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
+    """Where a norm written out from `start` ends: the ops reading `start` (elementwise ones and a
+    reduction, other inputs constant) join again into one value after a reduction rejoined the
+    unreduced tensor (x * rsqrt(mean(x^2)), x - mean(x)), then through a per-channel affine
+    (a multiply, an add of constants). None when `start` does not begin such a pattern."""
+    order = start.graph.node_order() if start.graph is not None else None
+    if order is None or start.is_graph_output:
+        return None
+    reached, live, nodes, reduced, end = {start}, {start}, [], False, None
+    pending = sorted({n for n in start.consumers()}, key=order.__getitem__)
+    while pending and len(nodes) < limit:
+        node = pending.pop(0)
+        ins = [v for v in node.inputs if v is not None]
+        if node.kind not in _NORM_PARTS or len(node.outputs) != 1:
+            return end
+        if any(v not in reached and not _constant(v) for v in ins):
+            return end
+        nodes.append(node)
+        reduced = reduced or node.kind is OpKind.REDUCE
+        out = node.outputs[0]
+        reached.add(out)
+        live = {v for v in live | {out} if any(c not in nodes for c in v.consumers())}
+        if reduced and live == {out} and node.kind is not OpKind.REDUCE:
+            end = out  # everything read so far joined into one value: the norm's end (so far)
+            if len(out.consumers()) != 1 or out.is_graph_output:
+                return end
+            nxt = out.consumers()[0]
+            if end is not None and not (
+                nxt.kind in (OpKind.MUL, OpKind.ADD) and all(v is out or _constant(v) for v in nxt.inputs)
+            ):
+                return end  # past the affine: the stream goes on
+        pending = sorted({c for v in live for c in v.consumers() if c not in nodes}, key=order.__getitem__)
+    return end
 
 
 def depth_units(analysis: ResidualAnalysis, unit: str = "block") -> list[DepthUnit]:
