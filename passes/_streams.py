@@ -22,6 +22,13 @@ def through_casts(value: Value) -> Value:
     return value
 
 
+def reads_output(site, previous) -> bool:
+    """`site` reads `previous`'s add output, directly or through casts that keep its dtype (HF
+    LLaMA's RMSNorm reads x.to(float32) of a float32 stream): a pre-norm link."""
+    fork = site.fork
+    return through_casts(fork) is previous.output and fork.dtype == previous.output.dtype
+
+
 def require_pure_stream(pass_name: str, stream: ResidualStream) -> None:
     """Refuse, naming the site, unless each site's skip is the previous site's output
     (no norm or activation on the stream), every site is an identity site with an

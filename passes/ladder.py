@@ -25,6 +25,7 @@ from rescompile.ir import Graph, Value
 from rescompile.ir.regions import Region, replace_entry
 
 from ._branch import insert_op, new_param
+from ._streams import reads_output
 
 __all__ = ["LadderPass"]
 
@@ -65,7 +66,7 @@ class LadderPass(PassBase):
         for previous, site in pairs:
             if previous.kind != "identity" or site.kind != "identity":
                 raise PassError(f"ladder: site {site.name}: projection shortcuts change the stream's shape")
-            if site.fork is not previous.output:
+            if not reads_output(site, previous):
                 raise PassError(
                     f"ladder: site {site.name} reads {site.fork.name!r}, not the previous add's output: "
                     "only pre-norm modules can read the stream from before it"

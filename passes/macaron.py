@@ -23,6 +23,7 @@ from rescompile.ir.regions import Region, clone, replace_entry
 
 from ._branch import insert_op, new_param
 from ._scale_params import ScaleRefused, scale_output
+from ._streams import reads_output
 
 __all__ = ["MacaronPass"]
 
@@ -63,7 +64,7 @@ class MacaronPass(PassBase):
         for site in (first, second):
             if site.kind != "identity":
                 raise PassError(f"macaron: site {site.name}: a projection shortcut cannot take a half step")
-        if second.fork is not first.output:
+        if not reads_output(second, first):
             raise PassError(
                 f"macaron: site {second.name} reads {second.fork.name!r}, not the previous add's output: "
                 "only pre-norm layers convert exactly"

@@ -25,7 +25,7 @@ from rescompile.ir import Graph, OpKind, Value
 from rescompile.ir.regions import Region, remove, replace_entry
 
 from ._branch import insert_op, new_param
-from ._streams import through_casts
+from ._streams import reads_output
 
 __all__ = ["ParallelPass"]
 
@@ -73,7 +73,7 @@ class ParallelPass(PassBase):
             if first.kind != "identity" or second.kind != "identity":
                 raise PassError(f"parallel: site {second.name}: projection shortcuts keep their order")
             post = _post_norm_of(second, first)
-            if not post and not _reads_output(second, first):
+            if not post and not reads_output(second, first):
                 raise PassError(
                     f"parallel: site {second.name} reads {second.fork.name!r}, neither the previous "
                     "add's output (pre-norm) nor a norm of it (post-norm)"
@@ -142,18 +142,11 @@ class ParallelPass(PassBase):
         remove(Region(graph, [n2]), replace={})
 
 
-def _reads_output(second, first) -> bool:
-    """The second branch reads the first add's output, directly or through dtype-keeping casts
-    (HF LLaMA's RMSNorm reads x.to(float32) of a float32 stream)."""
-    fork = second.fork
-    return through_casts(fork) is first.output and fork.dtype == first.output.dtype
-
-
 def _post_norm_of(second, first) -> bool:
     """The second branch reads the first add's output after a post-norm (or post-activation):
     the analysis chained the two sites through it and marked the first one post. Whether the
     norm is one node (torch's rms_norm) or several (ONNX's decomposed RMSNorm) does not matter."""
-    return first.norm == "post" and not _reads_output(second, first)
+    return first.norm == "post" and not reads_output(second, first)
 
 
 def _leading_norm(site):

@@ -21,6 +21,8 @@ from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, site
 from rescompile.ir import Graph, OpKind
 from rescompile.ir.regions import Region, replace_entry
 
+from ._streams import reads_output
+
 __all__ = ["ShallowPass"]
 
 
@@ -84,7 +86,7 @@ class ShallowPass(PassBase):
 
 def _check_link(previous: ResidualSite, site: ResidualSite) -> None:
     """`site` must read `previous`'s output directly, and nothing outside the run may read it."""
-    if site.fork is not previous.output:
+    if not reads_output(site, previous):
         raise PassError(
             f"shallow: site {site.name} reads {site.fork.name!r}, not the previous add's output: "
             "only pre-norm runs can read the run's input"
