@@ -779,6 +779,12 @@ def _fix_constants(graph: Graph, node: Node, kept: dict) -> None:
             "normalized_shape",
             lambda k, old, n: _new_size(kept, x, len(x.shape) - n + k) or old,
         )
+    query = node.inputs[0]
+    if call.is_torch and "scale" in names and call.arg("scale") is None and query is not None and query.shape:
+        # softmax(q k^T / sqrt(head_dim)): scaled_dot_product_attention's default scale reads the
+        # head_dim it is given, so a pruned head_dim would change it; pin the original one.
+        if _new_size(kept, query, len(query.shape) - 1) is not None and isinstance(query.shape[-1], int):
+            node.attrs = call.with_kwarg("scale", 1 / math.sqrt(query.shape[-1]))
     if "num_heads" in node.attrs:
         heads = _new_size(kept, node.inputs[0], 1)
         if heads is not None:

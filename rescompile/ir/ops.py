@@ -430,6 +430,13 @@ class Call:
         attrs.update(args=tuple(args), kwargs=kwargs)
         return attrs
 
+    def with_kwarg(self, name: str, value: Any) -> dict:
+        """The node's attrs with torch keyword argument `name` set to the constant `value` (an
+        argument the call left at its default, which a pass must now pin)."""
+        attrs = dict(self.attrs)
+        attrs["kwargs"] = {**dict(attrs.get("kwargs") or {}), name: value}
+        return attrs
+
     def ints(self, name: str) -> list[int] | None:
         """An integer (list) argument given as a constant: Python values or a constant input."""
         value = self.arg(name)
