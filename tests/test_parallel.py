@@ -129,3 +129,21 @@ def test_post_norm_c_one_is_exact_and_shared_norm_is_refused(tmp_path):
     assert result.result.stats["0:parallel"]["layers"] == 2 and result.validation.ok
     with pytest.raises(RescompileError, match="shared_norm needs a pre-norm layer"):
         rescompile.apply(str(cached_onnx("bert")), ["parallel:shared_norm=true"])
+
+
+def test_parallel_module_trains():
+    model = neox(parallel=False)
+    out = rescompile.apply(model, ["parallel"], example_kwargs=IDS)
+    out.train()
+    target = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.SGD(out.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        result = out(**IDS)
+        hidden = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
+        loss = (hidden - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
