@@ -30,6 +30,7 @@ import numpy as np
 from rescompile.analysis.cost import count_params
 from rescompile.analysis.groups import find_groups
 from rescompile.analysis.importance import DepthUnit, depth_units
+from rescompile.frontends.probe import attention_mask
 from rescompile.infra import PassBase, PassError, PassResult
 from rescompile.ir import Graph, IRError
 from rescompile.ir._transaction import GraphSnapshot
@@ -144,7 +145,7 @@ class CompressPass(PassBase):
         self.calibration = probe.batches  # the same batches for every measurement and for prune
         outputs = list(graph.outputs)
         self.report("running the original model on the calibration data")
-        objective = _Objective(list(probe(outputs)), [_token_mask(b) for b in probe.batches], o.distance)
+        objective = _Objective(list(probe(outputs)), [attention_mask(b) for b in probe.batches], o.distance)
         units = depth_units(self.residuals(graph), "block")
         kinds = self._kinds(graph)
         if not _droppable(units) and not kinds:
@@ -388,16 +389,6 @@ def _weight(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | float:
     if mask is None or array.shape[: mask.ndim] != mask.shape:
         return 1.0
     return mask.reshape(mask.shape + (1,) * (array.ndim - mask.ndim)).astype(np.float64)
-
-
-def _token_mask(batch) -> np.ndarray | None:
-    """A batch's `attention_mask` (dict, or torch (args, kwargs)) as numpy, if it has one."""
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
-        batch = batch[1]
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None:
-        return None
-    return np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
 
 
 def _block_params(graph: Graph, units: Sequence[DepthUnit]) -> int:

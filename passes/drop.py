@@ -30,6 +30,7 @@ from rescompile.analysis.importance import (
     greedy_order,
     score_units,
 )
+from rescompile.frontends.probe import attention_mask
 from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, sites_option
 from rescompile.ir import Graph, Value
 from rescompile.ir.regions import Region, remove, remove_branch
@@ -198,7 +199,7 @@ class DropPass(PassBase):
         batches = list(getattr(probe, "batches", ()))
         split_rows = len(batches) < 2  # one batch: alternate tokens instead of batches
         for number, arrays in enumerate(probe(values)):
-            mask = _attention_mask(batches[number]) if number < len(batches) else None
+            mask = attention_mask(batches[number]) if number < len(batches) else None
             for k, d in enumerate(widths):
                 x, y = arrays[2 * k], arrays[2 * k + 1]
                 keep = _token_rows(mask, x.shape[:-1])
@@ -310,7 +311,7 @@ def _token_rows(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> list[UnitScore]:
     """Every unit's score under `metric` (what `inspect --importance` prints); padding tokens of
     batches with an `attention_mask` are left out of per-token averages."""
-    masks = [_attention_mask(b) for b in getattr(probe, "batches", ())]
+    masks = [attention_mask(b) for b in getattr(probe, "batches", ())]
     return score_units(
         units,
         metric,
@@ -320,19 +321,6 @@ def unit_scores(units, metric: str, probe, *, graph: Graph, run: int = 1) -> lis
         outputs=list(graph.outputs),
         token_masks=masks,
     )
-
-
-def _attention_mask(batch) -> np.ndarray | None:
-    """The batch's `attention_mask` as numpy, if it has one by that name."""
-    if isinstance(batch, dict):
-        mask = batch.get("attention_mask")
-    elif isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
-        mask = batch[1].get("attention_mask")  # torch (args, kwargs)
-    else:
-        mask = None
-    if mask is None:
-        return None
-    return np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
 
 
 def _runs(units: list[DepthUnit]) -> list[list[DepthUnit]]:

@@ -46,6 +46,7 @@ import numpy as np
 
 from rescompile.analysis.groups import ChannelGroup, GroupAnalysis, Reader, find_groups, readers
 from rescompile.errors import RescompileError
+from rescompile.frontends.probe import attention_mask
 from rescompile.infra import PassBase, PassError, PassResult
 from rescompile.ir import CONST, Graph, Node, Role, Value
 from rescompile.ir.ops import call_of
@@ -403,23 +404,9 @@ def _channels_last(x: np.ndarray, axis: int, mask: np.ndarray | None = None) -> 
     return rows
 
 
-def _token_masks(probe) -> list[np.ndarray | None]:
-    """Per calibration batch, its `attention_mask` (numpy) if it has one by that name."""
-    masks = []
-    for batch in getattr(probe, "batches", ()):
-        if isinstance(batch, dict):
-            mask = batch.get("attention_mask")
-        elif isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
-            mask = batch[1].get("attention_mask")  # torch (args, kwargs)
-        else:
-            mask = None
-        masks.append(None if mask is None else np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask))
-    return masks
-
-
 def _batches(probe, values: list[Value]):
     """(batch number, its attention mask or None, the arrays of `values`) per calibration batch."""
-    masks = _token_masks(probe)
+    masks = [attention_mask(b) for b in getattr(probe, "batches", ())]
     for number, arrays in enumerate(_run(probe, values)):
         yield number, masks[number] if number < len(masks) else None, arrays
 

@@ -27,7 +27,7 @@ from rescompile.errors import RescompileError
 from rescompile.frontends import is_torch_graph
 from rescompile.ir import Graph, Value
 
-__all__ = ["Batch", "calibration_batches", "gradients", "load_calibration", "probe"]
+__all__ = ["Batch", "attention_mask", "calibration_batches", "gradients", "load_calibration", "probe"]
 
 logger = logging.getLogger("rescompile")
 
@@ -144,6 +144,17 @@ def _random_onnx_batch(graph: Graph, seed: int) -> dict[str, np.ndarray]:
         else:
             batch[value.name] = rng.standard_normal(shape).astype(dtype)
     return batch
+
+
+def attention_mask(batch: Batch) -> np.ndarray | None:
+    """The batch's `attention_mask` (a dict by name, or a torch (args, kwargs) call) as numpy, if
+    it has one: passes leave padding tokens out of their per-token statistics."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        batch = batch[1]  # torch (args, kwargs)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None:
+        return None
+    return np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
 
 
 def probe(
