@@ -22,7 +22,7 @@ import numpy as np
 from rescompile.ir import Graph, Node, OpKind, Value
 from rescompile.ir.ops import Keep, _is_attribute_ref, axis_map
 
-from ._branch import channel_axis, numpy_of
+from ._branch import channel_axis, insert_op, numpy_of
 
 __all__ = ["ScaleRefused", "literal_factor", "scale_output"]
 
@@ -103,7 +103,10 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
 
     Returns:
         the edits to run (call each) to commit the change; nothing is changed
-        until they run, so a refusal leaves the graph as it was.
+        until they run, so a refusal leaves the graph as it was. One edit replaces
+        an op: torch's `x * number` under a per-channel factor becomes a multiply by
+        a constant vector, whose output takes the place (and the readers) of the
+        old one, `value` included when that op computes it.
 
     Raises:
         ScaleRefused: naming why the value cannot be scaled this way.
@@ -141,11 +144,11 @@ def scale_output(graph: Graph, value: Value, factor: np.ndarray) -> list[Callabl
             return edits
         if node.kind is OpKind.MUL and len(live) == 1 and not consts and _literal_multiplier(node):
             # torch's `x * 0.5` (a Python number, where ONNX has a constant initializer)
-            if factor.ndim != 0:
-                raise ScaleRefused(
-                    f"{node.name} multiplies by a number, which cannot take a per-channel factor"
-                )
-            edits.append(_scale_literal(node, float(factor)))
+            if factor.ndim == 0:
+                edits.append(_scale_literal(node, float(factor)))
+            else:  # a number cannot hold a vector: multiply by a constant tensor, as ONNX does
+                rank = len(current.shape) if current.shape is not None else 1
+                edits.append(_literal_to_constant(graph, node, _vector_along(factor, rank, channel_from_end)))
             return edits
         if node.kind is OpKind.ADD and len(live) == 1 and len(consts) == 1:
             bias = consts[0]
@@ -246,6 +249,27 @@ def _scale_literal(node: Node, factor: float) -> Callable[[], None]:
             args[key] = float(args[key]) * factor
             attrs["args"] = tuple(args)
         node.attrs = attrs
+
+    return edit
+
+
+def _literal_to_constant(graph: Graph, node: Node, factor: np.ndarray) -> Callable[[], None]:
+    """The edit that replaces torch's `x * number` by a core `Mul(x, number * factor)` with a
+    new constant: the ONNX form of the same model holds the number as a constant initializer,
+    which takes a per-channel factor. The constant is not trainable, like ONNX's."""
+    number = literal_factor(node)
+    data = next(v for v in node.inputs if v is not None)
+    out = node.outputs[0]
+
+    def edit() -> None:
+        dtype = out.dtype or data.dtype or "float32"
+        array = np.asarray(np.float64(number) * factor, dtype=dtype)
+        const = graph.add_param(f"rescompile.scale.{node.name}.factor", array, dtype=dtype, trainable=False)
+        scaled = insert_op(
+            graph, "Mul", [data, const], before=node, pass_name="scale", name=node.name, like=out
+        )
+        out.replace_all_uses_with(scaled, replace_graph_outputs=True)
+        graph.remove(node)
 
     return edit
 

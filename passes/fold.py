@@ -101,10 +101,15 @@ class FoldPass(PassBase):
             edits = scale_output(graph, inner, squeezed)
         except ScaleRefused as exc:
             return str(exc)
+        slot = next(i for i, v in enumerate(mul.inputs) if v is inner)
         for edit in edits:
             edit()
+        inner = mul.inputs[slot]  # a new value where an edit replaced its op (torch's `x * 0.5`)
         site.add.replace_input_with(1 - site.skip_index, inner)
         graph.remove(mul)
+        factor_value = None if number is not None else consts[0]
+        if factor_value is not None and not factor_value.uses() and not factor_value.is_graph_output:
+            graph.remove_initializer(factor_value)  # folded: a parameter nothing reads gets no gradient
         return None
 
     @staticmethod

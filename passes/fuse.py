@@ -140,8 +140,11 @@ class FusePass(PassBase):
             if not np.any(s):
                 continue
             extra = s @ w_in_out
+            if bias is None:
+                bias = _separate_bias(reader)
             if bias is not None:
-                _assign(graph, bias, numpy_of(bias.payload).astype(np.float64) + extra)
+                b = numpy_of(bias.payload)
+                _assign(graph, bias, b.astype(np.float64) + extra.reshape(b.shape))
             else:
                 out = reader.outputs[0]
                 users = [(u.node, u.index) for u in out.uses()]
@@ -368,6 +371,25 @@ def _linear_params(node: Node) -> tuple[Value, Value | None, bool] | None:
         if not bias.is_initializer or bias.shape is None or len(bias.shape) != 1:
             return None
     return weight, bias, slots.weight_out_axis % 2 == 0
+
+
+def _separate_bias(node: Node) -> Value | None:
+    """The bias of a linear layer without a bias input that the add reading its output alone
+    adds (ONNX's MatMul + Add), when only that add reads it; None otherwise.
+
+    NOTE: a shift folded into such a linear goes into that bias, as into torch's linear's own
+    bias: a second bias add would hide the linear from output fusion in ONNX only, and the two
+    frontends would refuse different sums."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output:
+        return None
+    add = uses[0].node
+    index = _bias_of(add) if add.kind is OpKind.ADD and is_pure(add) else None
+    if index is None or add.inputs[1 - index] is not out:
+        return None
+    bias = add.inputs[index]
+    return bias if bias.consumers() == [add] and not bias.is_graph_output else None
 
 
 def _data_index(node: Node) -> int | None:

@@ -5,6 +5,7 @@ order is not aten's `batch_norm(input, weight, bias, running_mean, running_var, 
 must scale the affine weight and bias, never the running statistics.
 """
 
+import pytest
 import torch
 from torch import nn
 
@@ -84,3 +85,43 @@ def test_fold_through_fx_fallback_scales_batch_norm_affine_not_running_stats(mon
             )
         for affine in ("weight", "bias"):
             torch.testing.assert_close(rewritten[f"{block}.{affine}"], 0.5 * original[f"{block}.{affine}"])
+
+
+class HalfScaledBranch(nn.Module):
+    """`x + (tanh(lin(x)) * 0.5) * gamma` with a per-channel gamma: the branch's last multiply is
+    by a Python number, which cannot hold gamma (the ONNX form holds 0.5 as a constant)."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.linspace(-1.0, 2.0, width))
+
+    def forward(self, x):
+        return x + (torch.tanh(self.lin(x)) * 0.5) * self.gamma
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_fold_scales_a_number_multiply_by_a_per_channel_factor(capture, monkeypatch):
+    torch.manual_seed(0)
+    model = HalfScaledBranch().eval()
+    x = torch.randn(2, 3, 6)
+    graph = _capture_with_fx(model, x, monkeypatch) if capture == "fx" else import_module(model, (x,))
+    result = run_passes(graph, build_passes(["fold"]))
+    assert result.stats["0:fold"]["folded"] == 1  # gamma; then the vector is refused (tanh)
+    assert len(result.stats["0:fold"]["refused"]) == 1
+    folded = export_module(graph)
+    assert "gamma" not in dict(folded.named_parameters())
+    with torch.no_grad():
+        want = x + torch.tanh(model.lin(x)) * (0.5 * model.gamma)
+        torch.testing.assert_close(folded(x), want, atol=1e-6, rtol=0)
+    # It still trains: every parameter gets a gradient and one SGD step lowers the loss.
+    folded.train()
+    target = torch.randn_like(want)
+    loss = torch.nn.functional.mse_loss(folded(x), target)
+    loss.backward()
+    params = [p for p in folded.parameters() if p.requires_grad]
+    assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    with torch.no_grad():
+        for p in params:
+            p -= 0.1 * p.grad
+        assert torch.nn.functional.mse_loss(folded(x), target) < loss

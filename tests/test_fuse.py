@@ -233,3 +233,42 @@ def test_shared_weights_and_sequential_layers_are_left_with_a_reason():
         case.module, ["parallel:c=1", "fuse"], example_kwargs=case.kwargs
     )  # the MLP reads x + A: the partial sum feeds something else
     assert learnable.result.stats["1:fuse"]["outputs_fused"] == 0
+
+
+# ----- a norm's shift into a linear whose bias is a separate add (ONNX's MatMul + Add) -----------
+def _norm_linear_then_block():
+    """h = W LN(x) + b (the LN's shift is not 0), then h + W2 relu(W1 h): the sum's operand h is a
+    linear output that the block also reads, which output fusion refuses in both frontends."""
+    from tests.fuzzgen import Builder
+
+    b = Builder(seed=4, symbolic_batch=False)
+    x = b.input("tokens0", (2, 3, 4))
+    b.new_stream()
+    h = b.linear(b.layernorm(x, 0.0), 4)
+    branch = b.linear(b.act(b.linear(h, 8), "relu"), 4)
+    return b.finish([b.residual(h, branch, "identity", pre=False, skip_first=True)])
+
+
+def test_a_norm_shift_folds_into_the_separate_bias_add_alike_in_both_frontends():
+    from tests.fuzzgen import feeds, to_onnx, to_torch
+
+    program = _norm_linear_then_block()
+    model, inputs = to_onnx(program), feeds(program)
+    want = run_onnx(model.SerializeToString(), inputs)
+    args = tuple(torch.from_numpy(v) for v in inputs.values())
+    compile_model = rescompile.pipeline.compile_model
+    onnx_out = compile_model(model, ["fuse"])
+    torch_out = compile_model(to_torch(program), ["fuse"], example_inputs=args, dynamic=False)
+    # The shift went into linear0's own bias add: no second add hides the linear from (c).
+    adds = [n.name for n in onnx_out.graph if n.kind is OpKind.ADD]
+    assert adds == ["linear0.bias", "linear1.bias", "linear2.bias", "res0"]
+    stats = {"onnx": onnx_out.result.stats["0:fuse"], "torch": torch_out.result.stats["0:fuse"]}
+    for s in stats.values():
+        assert s["norms_folded"] == 1
+        assert [line.split(": ")[1] for line in s["refused"]] == ["outputs left unfused"], s["refused"]
+        assert "is also read elsewhere" in s["refused"][0]
+    got = run_onnx(onnx_out.output.SerializeToString(), inputs)
+    for name, value in want.items():
+        assert_close(got[name], value, name=name)
+    with torch.no_grad():
+        assert_close(torch_out.output(*args), torch.from_numpy(next(iter(want.values()))))
