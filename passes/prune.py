@@ -21,16 +21,26 @@ Calibration rows of padding tokens (a batch's `attention_mask` is 0) count in no
 - taylor: |w * dL/dw| summed over a unit's slices, gradients summed over the calibration batches
   (LLM-Pruner; Ma et al. 2023, arXiv 2305.11627); torch models only.
 
-`refit` then re-fits each reader y = x W (+ b) so that its output on the calibration activations
-matches the unpruned one: `bias` moves the removed channels' mean contribution mean(x_R) W_R into b
-(FLAP; An et al. 2024, arXiv 2312.11983), adding a bias after a reader that has none;
+`refit` then re-fits each reader y = x W (+ b) -- a matrix, or a conv's window, whose weight is
+W[out, in, *kernel] flattened over (in, kernel taps), x a row of im2col patches -- so that its
+output matches the unpruned one's on the calibration batches. Its input z comes from the model
+with the pruning applied upstream, its target y from the original model on the same batch (He et
+al. 2017 reconstruct so); readers go in rounds, each after every reader upstream of it is re-fit,
+so a late layer is fit to what the pruned and re-fit layers before it produce (one forward pass of
+both models over the calibration batches per round; rounds = the longest chain of readers).
+`bias` moves what the pruned reader misses on average, mean(y - z W_K), into b: FLAP's mean(x_R)
+W_R (An et al. 2024, arXiv 2312.11983) where nothing upstream is pruned; a reader without one gets
+a bias after it (per output channel for a conv). For a conv the mean is over every output
+position, borders included, with the zero padding the conv has: one constant per channel, a
+little too much at the borders, where the padding hides part of what a removed channel gave.
 `least_squares` re-solves the kept rows and the bias (Channel Pruning, He et al. 2017, arXiv
 1707.06168; ThiNet, Luo et al. 2017, arXiv 1707.06342) by ridge regression toward the kept rows,
-min ||X W - X_K W'_K - 1 c||^2 + lambda ||W'_K - W_K||^2, from Gram matrices summed batch by batch.
-lambda is chosen per reader on held-out rows: fit on the even calibration batches, scored on the
-odd ones and back, among no refit, `bias` (the limit of an infinite ridge) and `RIDGES`; the best
-is fit again on all rows. A fixed tiny ridge overfit MiniLM's 64 calibration sentences (about
-800 tokens for 1075 kept MLP channels) and lowered its similarity from 0.82 to 0.25 at 30%.
+min ||Y - Z W'_K - 1 c||^2 + lambda ||W'_K - W_K||^2, from Gram matrices summed batch by batch (a
+conv's is (kept channels x kernel taps + 1)^2). lambda is chosen per reader on held-out rows: fit
+on the even calibration batches, scored on the odd ones and back, among no refit, `bias` (the
+limit of an infinite ridge) and `RIDGES`; the best is fit again on all rows. A fixed tiny ridge
+overfit MiniLM's 64 calibration sentences (about 800 tokens for 1075 kept MLP channels) and
+lowered its similarity from 0.82 to 0.25 at 30%.
 """
 
 from __future__ import annotations
@@ -46,9 +56,10 @@ import numpy as np
 
 from rescompile.analysis.groups import ChannelGroup, GroupAnalysis, Reader, find_groups, readers
 from rescompile.errors import RescompileError
-from rescompile.frontends.probe import attention_mask
+from rescompile.frontends.probe import attention_mask, prepare
 from rescompile.infra import PassBase, PassError, PassResult
 from rescompile.ir import CONST, Graph, Node, Role, Value
+from rescompile.ir._transaction import GraphSnapshot
 from rescompile.ir.ops import call_of
 from rescompile.ir.shapes import infer_shapes
 
@@ -176,9 +187,11 @@ class PrunePass(PassBase):
     what it has), a split into unequal pieces a single split size cannot express, a strided slice
     of a pruned axis, taylor on ONNX, calibration batches the model cannot run. Groups the analysis
     cannot follow are left alone (see `find_groups`). Refit skips, with a reason in the stats, a
-    reader whose weight is not a matrix (a conv) or is shared, and under `bias` one whose bias is
-    not its own vector or that has none and whose output a bias cannot follow (a model output, a
-    pruned value). Stats: `refit_chosen` counts readers per choice (none, bias, ridge strength).
+    reader whose weight is shared or is neither a matrix nor an ungrouped, untransposed conv's (a
+    grouped conv; a depthwise one is no reader: it loses its channels with its input's), and under
+    `bias` one whose bias is not its own vector or that has none and whose output a bias cannot
+    follow (a model output). Stats: `refit_chosen` counts readers per choice (none, bias, ridge
+    strength), `refit_rounds` the rounds of the sequential refit.
     """
 
     name = "prune"
@@ -272,12 +285,20 @@ class PrunePass(PassBase):
         measured = self.options.importance in _MEASURED or self.refit_mode != "none"
         probe = self.probe(graph) if measured else None
         plan = self.plan(graph, probe)
-        refused, chosen = _refit(plan, probe, self.refit_mode) if self.refit_mode != "none" else ([], {})
-        for reason in refused:
-            logger.info("prune: refit skips %s", reason)
         cut = plan.removed_slices()
         before = sum(np.size(numpy_of(v.payload)) for v in graph.initializers.values() if v.role == "param")
-        _prune(graph, cut)
+        refused, chosen, rounds = [], {}, 0
+        if self.refit_mode == "none":
+            _prune(graph, cut)
+        else:
+            snapshot = GraphSnapshot.take(graph)
+            try:
+                refused, chosen, rounds = _refit(graph, plan, probe, self.refit_mode)
+            except BaseException:
+                snapshot.restore()
+                raise
+        for reason in refused:
+            logger.info("prune: refit skips %s", reason)
         after = sum(np.size(numpy_of(v.payload)) for v in graph.initializers.values() if v.role == "param")
         stats = {
             "groups": len(plan.removed),
@@ -287,6 +308,7 @@ class PrunePass(PassBase):
         }
         if chosen:
             stats["refit_chosen"] = dict(sorted(chosen.items()))
+            stats["refit_rounds"] = rounds
         if refused:
             stats["refit_refused"] = refused
         return PassResult(graph, modified=bool(cut), stats=stats)
@@ -385,8 +407,13 @@ def _first_line(exc: BaseException) -> str:
 
 def _run(probe, values: list[Value]):
     """`probe(values)`, with a failure to run the model on a batch said in one line."""
+    return _guarded(functools.partial(probe, values))
+
+
+def _guarded(arrays: Callable):
+    """What `arrays()` yields, with a failure to run the model on a batch said in one line."""
     try:
-        yield from probe(values)
+        yield from arrays()
     except RescompileError as exc:
         raise PassError(f"prune: {exc}") from exc
     except Exception as exc:
@@ -437,22 +464,106 @@ def _normalised(scores: np.ndarray) -> np.ndarray:
 
 # ----- re-fitting what reads the pruned channels --------------------------------------------
 RIDGES = (1e-6, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-"""Ridge strengths least_squares tries, times the kept channels' mean squared activation (the
+"""Ridge strengths least_squares tries, times the kept features' mean squared activation (the
 Gram matrix's mean diagonal per row). With fewer calibration rows than kept channels (MiniLM:
-about 800 tokens for 1075 MLP channels) a tiny ridge interpolates the calibration rows and is
+about 800 tokens for 1075 kept MLP channels) a tiny ridge interpolates the calibration rows and is
 far worse than no refit on others (held-out error 0.12 -> 0.4..2.6 at an attention output), so
 the strength is chosen on held-out rows."""
+
+_CONVS = ("conv1d", "conv2d", "conv3d", "convolution", "_convolution")  # torch ops a window reader may be
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    """What a conv reads at each output position: its kernel, strides, dilations and zero padding
+    (`auto`: ONNX's SAME_UPPER / SAME_LOWER, whose padding depends on the input size)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    begin: tuple[int, ...]
+    end: tuple[int, ...]
+    auto: str = ""
+
+    def pads(self, size: tuple[int, ...]) -> list[tuple[int, int]]:
+        if not self.auto:
+            return list(zip(self.begin, self.end))
+        pads = []
+        for n, k, s, d in zip(size, self.kernel, self.stride, self.dilation):
+            total = max(0, (-(-n // s) - 1) * s + d * (k - 1) + 1 - n)
+            first = total // 2 if self.auto == "SAME_UPPER" else total - total // 2
+            pads.append((first, total - first))
+        return pads
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """im2col: one row per batch item and output position, holding what the conv multiplies
+        with its weight there (zeros where the window reaches into the padding), the columns in
+        the order of W[out, in, *kernel] flattened: channel, then kernel taps."""
+        spatial = x.ndim - 2
+        x = np.pad(x, [(0, 0), (0, 0), *self.pads(x.shape[2:])])
+        span = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation)]
+        view = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, x.ndim)))
+        view = view[(slice(None),) * 2 + tuple(slice(None, None, s) for s in self.stride + self.dilation)]
+        order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+        return view.transpose(order).reshape(-1, x.shape[1] * math.prod(self.kernel)).astype(np.float64)
+
+
+def _conv_window(node: Node, kernel: tuple[int, ...]) -> _Window | str:
+    """The window of a conv reader (torch conv1d/2d/3d or aten.convolution, ONNX Conv), or why it
+    is not refit: a transposed or grouped conv, a padding that is not read."""
+    call, n = call_of(node), len(kernel)
+
+    def per_axis(value, default: int) -> tuple[int, ...]:
+        if value is None:
+            return (default,) * n
+        if isinstance(value, int):
+            return (value,) * n
+        values = tuple(int(v) for v in value)
+        return values * n if len(values) == 1 else values
+
+    op = node.op_type.split("::")[-1].split(".")[0]
+    if call is None or op not in (_CONVS if call.is_torch else ("Conv",)) or call.arg("transposed"):
+        return f"{node.name}: {op} reads a window and is not a conv the refit knows (a transposed conv)"
+    groups = int(call.arg("groups" if call.is_torch else "group") or 1)
+    if groups != 1:
+        return f"{node.name}: a grouped conv (groups={groups}) is not refit"
+    stride = per_axis(call.arg("stride" if call.is_torch else "strides"), 1)
+    dilation = per_axis(call.arg("dilation" if call.is_torch else "dilations"), 1)
+    unread = f"{node.name}: its padding is not one the refit reads"
+    if call.is_torch:
+        padding = call.arg("padding")
+        if padding == "same":  # the odd pixel of padding goes after
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            begin = tuple(t // 2 for t in total)
+            return _Window(kernel, stride, dilation, begin, tuple(t - b for t, b in zip(total, begin)))
+        try:
+            pads = per_axis(0 if padding == "valid" else padding, 0)
+        except (TypeError, ValueError):
+            return unread
+        return _Window(kernel, stride, dilation, pads, pads) if len(pads) == n else unread
+    auto = call.arg("auto_pad") or "NOTSET"
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        return _Window(kernel, stride, dilation, (0,) * n, (0,) * n, auto)
+    pads = tuple(int(p) for p in call.arg("pads") or ()) if auto == "NOTSET" else ()
+    pads = pads or (0,) * (2 * n)
+    if auto not in ("NOTSET", "VALID") or len(pads) != 2 * n:
+        return unread
+    return _Window(kernel, stride, dilation, pads[:n], pads[n:])
 
 
 @dataclasses.dataclass
 class _Sums:
-    """Running sums over one fold of calibration rows for one reader y = x W."""
+    """Running sums over one fold of calibration rows for one reader: z, a row of the reader's
+    input features in the pruned model (its kept channels; a conv's kept channels times kernel
+    taps), and y, the original reader's output x W on the same row of the original model."""
 
     rows: int = 0
-    total: np.ndarray | float = 0.0  # sum of x, every channel
-    gram: np.ndarray | float = 0.0  # X_kept^T X_kept
-    cross: np.ndarray | float = 0.0  # X_kept^T X W
-    target: float = 0.0  # ||X W||^2
+    total: np.ndarray | float = 0.0  # sum of z
+    out: np.ndarray | float = 0.0  # sum of y
+    gram: np.ndarray | float = 0.0  # Z^T Z
+    cross: np.ndarray | float = 0.0  # Z^T Y
+    target: float = 0.0  # ||Y||^2
 
     def __add__(self, other: _Sums) -> _Sums:
         return _Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -460,38 +571,63 @@ class _Sums:
 
 @dataclasses.dataclass
 class _Fit:
-    """One reader of pruned channels, y = x W (+ b), and its calibration sums in two folds (even
-    and odd batches; even and odd rows when there is one batch), for choosing the ridge on rows
-    the fit did not see."""
+    """One reader of pruned channels, y = x W (+ b) or a conv, and its calibration sums in two
+    folds (even and odd batches; even and odd rows when there is one batch), for choosing the
+    ridge on rows the fit did not see."""
 
     reader: Reader
-    kept: list[int]
-    removed: list[int]
-    weight: np.ndarray  # (channels, outputs): the weight with the channel axis first
+    weight: np.ndarray  # (input features, kept outputs): the original weight, as a matrix
+    kept: list[int]  # the features of the kept channels (rows of `weight`)
+    layout: tuple[int, int]  # the weight's input and output axes
+    window: _Window | None  # a conv's; None for a matrix
     bias: Value | None  # the reader's own bias vector: least squares fits an intercept into it
+    slot: int  # the reader's input that holds the pruned channels
+    level: int = 0  # readers of pruned channels upstream of it, on the longest path
     folds: tuple[_Sums, _Sums] = dataclasses.field(default_factory=lambda: (_Sums(), _Sums()))
     chosen: str = "none"
 
-    def add(self, x: np.ndarray, mode: str, fold: int) -> None:
+    @classmethod
+    def of(cls, reader: Reader, gone: frozenset[int], cut: Mapping, window, bias) -> _Fit:
+        """The fit of `reader` with its unpruned weight (the units `gone` from its input, its
+        own output channels cut as `cut` says)."""
+        value, axis = reader.weight.value, reader.weight.axis
+        out_axis = 0 if window is not None else 1 - axis
+        full = np.moveaxis(_array(value), (axis, out_axis), (0, -1))  # (in, *kernel, out)
+        taps = math.prod(full.shape[1:-1])
+        gone_out = set(cut.get(value, {}).get(out_axis, ()))
+        outputs = [k for k in range(full.shape[-1]) if k not in gone_out]
+        channels = [k for k, unit in enumerate(reader.data.units) if unit not in gone]
+        kept = [c * taps + t for c in channels for t in range(taps)]
+        weight = full.reshape(-1, full.shape[-1])[:, outputs]
+        slot = reader.node.inputs.index(reader.data.value)
+        return cls(reader, weight, kept, (axis, out_axis), window, bias, slot)
+
+    def features(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        if self.window is not None:
+            return self.window.patches(x)
+        return _channels_last(x, self.reader.data.axis, mask)
+
+    def add(self, x: np.ndarray, z: np.ndarray, mode: str, fold: int) -> None:
+        """Rows `x` of the original model's features and `z` of the pruned model's, alike."""
         sums = self.folds[fold]
-        sums.rows += len(x)
-        sums.total = sums.total + x.sum(axis=0)
+        y = x @ self.weight
+        sums.rows += len(z)
+        sums.total = sums.total + z.sum(axis=0)
+        sums.out = sums.out + y.sum(axis=0)
         if mode == "bias":
             return
-        y, kept = x @ self.weight, x[:, self.kept]
-        sums.gram = sums.gram + kept.T @ kept
-        sums.cross = sums.cross + kept.T @ y
+        sums.gram = sums.gram + z.T @ z
+        sums.cross = sums.cross + z.T @ y
         sums.target += float((y**2).sum())
 
     def system(self, sums: _Sums) -> tuple[np.ndarray, np.ndarray]:
-        """(A, R) with ||X W - Z theta||^2 = target - 2 <theta, R> + <theta, A theta>, Z = X_kept, or
-        [X_kept 1] (theta's last row the bias change) where the reader has a bias."""
+        """(A, R) with ||Y - Z theta||^2 = target - 2 <theta, R> + <theta, A theta>, Z the kept
+        features, or [Z 1] (theta's last row the bias change) where the reader has a bias."""
         if self.bias is None:
             return sums.gram, sums.cross
         total = np.asarray(sums.total)
-        kept = total[self.kept]
-        a = np.block([[sums.gram, kept[:, None]], [kept[None, :], np.full((1, 1), float(sums.rows))]])
-        return a, np.vstack([sums.cross, (total @ self.weight)[None, :]])
+        a = np.block([[sums.gram, total[:, None]], [total[None, :], np.full((1, 1), float(sums.rows))]])
+        return a, np.vstack([sums.cross, np.asarray(sums.out)[None, :]])
 
     def start(self) -> np.ndarray:
         """theta of pruning alone: the kept rows as they are, no bias change."""
@@ -501,7 +637,7 @@ class _Fit:
     def candidates(self, sums: _Sums, only: str | None = None) -> dict[str, np.ndarray]:
         """theta for each choice, fit on `sums`: none, bias (FLAP: the mean residual, which is the
         limit of an infinite ridge), and ridge regression toward the kept rows for each of RIDGES:
-        min ||X W - Z theta||^2 + lambda ||theta_kept - W_kept||^2, the intercept unpenalised.
+        min ||Y - Z theta||^2 + lambda ||theta_kept - W_kept||^2, the intercept unpenalised.
         `only`: just that choice (and none)."""
         start = self.start()
         found = {"none": start}
@@ -526,18 +662,21 @@ class _Fit:
         return found
 
     def error(self, sums: _Sums, theta: np.ndarray) -> float:
-        """||X W - Z theta||^2 over the rows of `sums`."""
+        """||Y - Z theta||^2 over the rows of `sums`."""
         a, r = self.system(sums)
         return sums.target - 2 * float((theta * r).sum()) + float((theta * (a @ theta)).sum())
 
     def apply(self, mode: str) -> None:
-        graph, weight = self.reader.node.graph, self.weight.copy()
+        """Write the choice into the pruned graph: the reader's weight (already sliced to the kept
+        channels) and bias, or a new bias after it."""
+        graph = self.reader.node.graph
         total = self.folds[0] + self.folds[1]
         if mode == "bias" and total.rows:
-            # FLAP: the removed channels' mean contribution moves into the bias.
-            shift = (np.asarray(total.total)[self.removed] / max(total.rows, 1)) @ weight[self.removed]
+            # FLAP: what the pruned reader misses on average moves into the bias: mean(x_R) W_R
+            # where its input is the original's; with pruned layers upstream, mean(y - z W_K).
+            shift = (np.asarray(total.out) - np.asarray(total.total) @ self.weight[self.kept]) / total.rows
             if self.bias is None:
-                _add_bias(graph, self.reader.node, shift)
+                _add_bias(graph, self.reader.node, shift, 1 if self.window is not None else -1)
             else:
                 graph.set_payload(self.bias, _like(self.bias.payload, _array(self.bias) + shift))
             self.chosen = "bias"
@@ -559,85 +698,137 @@ class _Fit:
         if self.chosen == "none":
             return
         theta = self.candidates(total, self.chosen).get(self.chosen)
-        if theta is None:
+        if theta is None or self.error(total, theta) > self.error(total, self.start()):
             self.chosen = "none"
             return
-        if self.error(total, theta) > self.error(total, self.start()):
-            self.chosen = "none"
-            return
-        weight[self.kept] = theta[: len(self.kept)]
-        value = self.reader.weight.value
-        graph.set_payload(value, _like(value.payload, np.moveaxis(weight, 0, self.reader.weight.axis)))
+        value, kept = self.reader.weight.value, theta[: len(self.kept)]
+        shape = np.moveaxis(np.empty(value.shape, dtype=bool), self.layout, (0, -1)).shape
+        kept = kept.reshape(-1, *shape[1:-1], kept.shape[-1])
+        graph.set_payload(value, _like(value.payload, np.moveaxis(kept, (0, -1), self.layout)))
         if self.bias is not None:
             graph.set_payload(self.bias, _like(self.bias.payload, _array(self.bias) + theta[-1]))
 
 
-def _refit(plan: PrunePlan, probe, mode: str) -> tuple[list[str], dict[str, int]]:
-    """Re-fit every reader of pruned channels (before they are sliced away) so that its output on
-    the calibration batches matches the unpruned one. Returns the readers refused, with why, and
-    how many readers took each choice."""
+def _refit(graph: Graph, plan: PrunePlan, probe, mode: str) -> tuple[list[str], dict[str, int], int]:
+    """Prune `graph` as `plan` says and re-fit every reader of pruned channels so that its output
+    on the calibration batches matches the unpruned one's. Inputs come from the pruned model,
+    targets from the original, batch by batch; readers go in rounds by `level`, each round after
+    the ones upstream are re-fit (Channel Pruning's sequential reconstruction). Returns the
+    readers refused, with why, how many readers took each choice, and the rounds."""
     fits, refused, cut = [], [], plan.removed_slices()
     for group in plan.analysis.groups:
         gone = plan.removed.get(group.index)
         for reader in readers(group) if gone else ():
-            reason, bias = _refit_refusal(reader, mode, cut)
+            reason, window, bias = _refit_refusal(reader, mode)
             if reason:
                 refused.append(reason)
-                continue
-            weight = np.moveaxis(_array(reader.weight.value), reader.weight.axis, 0)
-            kept = [k for k, unit in enumerate(reader.data.units) if unit not in gone]
-            fits.append(_Fit(reader, kept, reader.data.indices(set(gone)), weight, bias))
-    split_rows = len(getattr(probe, "batches", ())) == 1
-    for number, mask, arrays in _batches(probe, [f.reader.data.value for f in fits]) if fits else ():
-        for fit, x in zip(fits, arrays):
-            x = _channels_last(x, fit.reader.data.axis, mask)
-            if split_rows:
-                fit.add(x[0::2], mode, 0)
-                fit.add(x[1::2], mode, 1)
             else:
-                fit.add(x, mode, number % 2)
+                fits.append(_Fit.of(reader, gone, cut, window, bias))
+    original = GraphSnapshot.take(graph)
+    _prune(graph, cut)
+    levels = _levels(graph, fits)
+    batches = list(probe.batches)
+    masks = [attention_mask(b) for b in batches]
+    split_rows = len(batches) == 1
     chosen: dict[str, int] = {}
+    for level in levels:
+        now = [f for f in fits if f.level == level]
+        # What each reader reads now: a bias added after a reader upstream (refit=bias) comes
+        # between its output and its readers.
+        values = [f.reader.node.inputs[f.slot] for f in now]
+        pruned = _prepared(graph, values)
+        current = GraphSnapshot.take(graph)
+        original.restore()
+        try:
+            before = _prepared(graph, [f.reader.data.value for f in now])
+        finally:
+            current.restore()
+        pairs = zip(
+            _guarded(functools.partial(before, batches)), _guarded(functools.partial(pruned, batches))
+        )
+        for number, (xs, zs) in enumerate(pairs):
+            for fit, x, z in zip(now, xs, zs):
+                x, z = fit.features(x, masks[number]), fit.features(z, masks[number])
+                if split_rows:
+                    fit.add(x[0::2], z[0::2], mode, 0)
+                    fit.add(x[1::2], z[1::2], mode, 1)
+                else:
+                    fit.add(x, z, mode, number % 2)
+        for fit in now:
+            fit.apply(mode)
+            chosen[fit.chosen] = chosen.get(fit.chosen, 0) + 1
+    return refused, chosen, len(levels)
+
+
+def _prepared(graph: Graph, values: list[Value]):
+    """`prepare` (the graph as it is now), with a failure said in one line."""
+    try:
+        return prepare(graph, values)
+    except RescompileError as exc:
+        raise PassError(f"prune: {exc}") from exc
+    except Exception as exc:
+        raise PassError(f"prune: {_MISMATCH} ({_first_line(exc)})") from exc
+
+
+def _levels(graph: Graph, fits: list[_Fit]) -> list[int]:
+    """Set each fit's level, the most readers being fit on a path from the model's inputs to it
+    (in graph order); returns the levels in order. Readers of one level do not feed each other."""
+    level_of: dict[Node, int] = {}
+    nodes = {fit.reader.node for fit in fits}
+    depth: dict[Value, int] = {}
+    for node in graph:
+        d = max((depth.get(v, 0) for v in node.inputs if v is not None), default=0)
+        if node in nodes:
+            level_of[node] = d
+            d += 1
+        for out in node.outputs:
+            depth[out] = d
     for fit in fits:
-        fit.apply(mode)
-        chosen[fit.chosen] = chosen.get(fit.chosen, 0) + 1
-    return refused, chosen
+        fit.level = level_of[fit.reader.node]
+    return sorted({fit.level for fit in fits})
 
 
-def _refit_refusal(reader: Reader, mode: str, cut: Mapping) -> tuple[str, Value | None]:
-    """Why `reader` cannot be re-fitted ('' if it can), and the bias it would adjust (None: under
-    `bias`, a new one is added after it; under least squares, no intercept is fitted)."""
+def _refit_refusal(reader: Reader, mode: str) -> tuple[str, _Window | None, Value | None]:
+    """Why `reader` cannot be re-fitted ('' if it can), a conv's window, and the bias it would
+    adjust (None: under `bias`, a new one is added after it; under least squares, no intercept is
+    fitted)."""
     node, weight = reader.node, reader.weight.value
+    window = None
     if len(weight.shape) != 2:
-        return f"{node.name}: its weight {weight.name} is not a matrix (a conv reads a window)", None
+        kernel = tuple(weight.shape[2:])
+        if len(weight.shape) < 3 or reader.weight.axis != 1 or reader.data.axis != 1:
+            return f"{node.name}: its weight {weight.name} is neither a matrix nor a conv's", None, None
+        window = _conv_window(node, kernel)
+        if isinstance(window, str):
+            return window, None, None
     if len(weight.uses()) != 1:
-        return f"{node.name}: its weight {weight.name} is shared", None
+        return f"{node.name}: its weight {weight.name} is shared", None, None
+    out_axis = 0 if window is not None else 1 - reader.weight.axis
+    outputs = weight.shape[out_axis]
     bias = _bias_of(node)
     own = (
         bias is not None
         and bias.is_initializer
         and len(bias.uses()) == 1
-        and np.size(numpy_of(bias.payload)) == weight.shape[1 - reader.weight.axis]
+        and np.size(numpy_of(bias.payload)) == outputs
     )
     if mode != "bias":  # least squares fits an intercept into the reader's own bias, if it has one
-        return "", bias if own else None
+        return "", window, bias if own else None
     if bias is None:
         out = node.outputs[0]
-        if (
-            out.is_graph_output
-            or out in cut
-            or not out.shape
-            or out.shape[-1] != weight.shape[1 - reader.weight.axis]
-        ):
-            return f"{node.name} has no bias to adjust, and one cannot be added after it", None
-        return "", None
+        channel = 1 if window is not None else -1
+        if out.is_graph_output or not out.shape or len(out.shape) < 2 or out.shape[channel] != outputs:
+            return f"{node.name} has no bias to adjust, and one cannot be added after it", None, None
+        return "", window, None
     if not own:
-        return f"{node.name}: its bias {bias.name} is not its own vector", None
-    return "", bias
+        return f"{node.name}: its bias {bias.name} is not its own vector", None, None
+    return "", window, bias
 
 
 def _bias_of(node: Node) -> Value | None:
-    """The bias `node` adds: its own bias input (a torch linear, an ONNX Gemm), or the constant of
-    the Add that alone reads its output (an ONNX MatMul then Add), so both frontends fit alike."""
+    """The bias `node` adds: its own bias input (a torch linear or conv, an ONNX Gemm or Conv), or
+    the constant of the Add that alone reads its output (an ONNX MatMul then Add), so both
+    frontends fit alike."""
     call = call_of(node)
     name = call.role_name(Role.BIAS) if call is not None else ""
     index = call.input_index(name) if name else None
@@ -654,13 +845,15 @@ def _bias_of(node: Node) -> Value | None:
     return None
 
 
-def _add_bias(graph: Graph, node: Node, shift: np.ndarray) -> None:
-    """A new bias `shift` after `node`, whose output has the outputs on its last axis: its readers
-    read `node`'s output + shift."""
+def _add_bias(graph: Graph, node: Node, shift: np.ndarray, channel: int) -> None:
+    """A new bias `shift` after `node`, whose output holds the outputs on axis `channel` (-1 for a
+    linear, 1 for a conv): its readers read `node`'s output + shift."""
     out = node.outputs[0]
     uses = list(out.uses())
     dtype = out.dtype or "float32"
-    bias = graph.add_param(f"rescompile.prune.{node.name}.bias", np.asarray(shift, dtype=dtype), dtype=dtype)
+    trailing = len(out.shape) - 1 - channel % len(out.shape)
+    shift = np.asarray(shift, dtype=dtype).reshape(-1, *([1] * trailing))
+    bias = graph.add_param(f"rescompile.prune.{node.name}.bias", shift, dtype=dtype)
     added = insert_op(
         graph, "Add", [out, bias], pass_name="prune", name=f"{node.name}/bias", after=node, like=out
     )

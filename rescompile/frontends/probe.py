@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from rescompile.errors import RescompileError
 from rescompile.frontends import is_torch_graph
 from rescompile.ir import Graph, Value
 
-__all__ = ["Batch", "attention_mask", "calibration_batches", "gradients", "load_calibration", "probe"]
+__all__ = [
+    "Batch",
+    "attention_mask",
+    "calibration_batches",
+    "gradients",
+    "load_calibration",
+    "prepare",
+    "probe",
+]
 
 logger = logging.getLogger("rescompile")
 
@@ -170,15 +179,24 @@ def probe(
         bypass: value -> value: nodes that read a key read its value instead, and a key that
             is a model output takes the value (the key's own producer still runs).
     """
+    yield from prepare(graph, values, bypass=bypass)(batches)
+
+
+def prepare(
+    graph: Graph, values: Sequence[Value], *, bypass: Mapping[Value, Value] | None = None
+) -> Callable[[Sequence[Batch]], Iterator[list[np.ndarray]]]:
+    """`probe` in two steps: the runnable is built now (the module exported, or the ONNX Runtime
+    session made) from the graph as it is, and `run(batches)` runs it later. A pass can prepare
+    the graph before a change and after it, and then run both on each batch side by side (prune
+    fits a pruned layer's output to the original's on the same batch)."""
     bypass = dict(bypass or {})
     values = [bypass.get(v, v) for v in values]  # what the variant computes in their place
     if is_torch_graph(graph):
-        yield from _probe_torch(graph, batches, values, bypass)
-    else:
-        yield from _probe_onnx(graph, batches, values, bypass)
+        return _prepare_torch(graph, values, bypass)
+    return _prepare_onnx(graph, values, bypass)
 
 
-def _probe_torch(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
+def _prepare_torch(graph, values, bypass) -> Callable[[Sequence[Batch]], Iterator[list[np.ndarray]]]:
     """Export the module once, then edit its fx graph: a recording call after each probed node,
     and readers of a bypassed node re-pointed. The module is then called as the user would."""
     import torch
@@ -194,6 +212,9 @@ def _probe_torch(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
             name = graph.source.placeholders[list(graph.inputs).index(value)]
         else:
             name = value.name if node.attrs.get("returns_tuple") else node.name
+        if name not in nodes:  # fx makes names identifiers: "prune/fc2/bias" -> "prune_fc2_bias"
+            name = re.sub(r"[^0-9a-zA-Z_]+", "_", name)
+            name = f"_{name}" if name[:1].isdigit() else name
         if name not in nodes:
             raise RescompileError(f"cannot probe {value.name!r}: the exported module does not compute it")
         return nodes[name]
@@ -210,15 +231,21 @@ def _probe_torch(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
         with module.graph.inserting_after(node):
             module.graph.call_function(record, (index, node))
     module.recompile()
-    with torch.no_grad():
-        for batch in batches:
-            args, kwargs = batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
-            found.clear()
-            module(*args, **kwargs)
-            yield [found[i].detach().float().numpy() for i in range(len(values))]
+
+    def run(batches: Sequence[Batch]) -> Iterator[list[np.ndarray]]:
+        with torch.no_grad():
+            for batch in batches:
+                args, kwargs = (
+                    batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
+                )
+                found.clear()
+                module(*args, **kwargs)
+                yield [found[i].detach().float().numpy() for i in range(len(values))]
+
+    return run
 
 
-def _probe_onnx(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
+def _prepare_onnx(graph, values, bypass) -> Callable[[Sequence[Batch]], Iterator[list[np.ndarray]]]:
     """A fresh onnx-ir model of the graph (the input model is not touched), the probed values
     added as outputs and bypassed values re-pointed, run in ONNX Runtime."""
     import onnx_ir as ir
@@ -244,14 +271,18 @@ def _probe_onnx(graph, batches, values, bypass) -> Iterator[list[np.ndarray]]:
     session = _session(ir.serde.serialize_model(model).SerializeToString())
     wanted = [v.name for v in values]
     inputs = [v.name for v in graph.inputs]
-    for batch in batches:
-        feeds = dict(batch) if isinstance(batch, Mapping) else dict(zip(inputs, batch))
-        feeds = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in feeds.items()}
-        missing = [name for name in inputs if name not in feeds]
-        if missing:
-            raise RescompileError(f"the calibration batch lacks the model input {missing[0]!r}")
-        arrays = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
-        yield [np.asarray(a, dtype=np.float32) for a in arrays]
+
+    def run(batches: Sequence[Batch]) -> Iterator[list[np.ndarray]]:
+        for batch in batches:
+            feeds = dict(batch) if isinstance(batch, Mapping) else dict(zip(inputs, batch))
+            feeds = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in feeds.items()}
+            missing = [name for name in inputs if name not in feeds]
+            if missing:
+                raise RescompileError(f"the calibration batch lacks the model input {missing[0]!r}")
+            arrays = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
+            yield [np.asarray(a, dtype=np.float32) for a in arrays]
+
+    return run
 
 
 def gradients(graph: Graph, batches: Sequence[Batch], names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ pooling are for. Everything is seeded.
 The network is built so that every kind of reader of a pruned channel is present: 3x3 convs
 (read a window), 1x1 convs (a matrix per pixel) closing the two residual bottlenecks, and the
 linear classifier behind global average pooling. The table says which readers each refit
-changed and which it refused, with the pass's own reasons.
+changed (with the rounds of its sequential refit) and which it refused, with the pass's own
+reasons.
 
 Usage: python tools/bench/cnn_refit.py [--epochs N] [--threads N]
 """
@@ -142,8 +143,10 @@ def params(module) -> int:
 
 def reader_kind(reason: str) -> str:
     """A refusal's reason in a few words, for the table."""
-    if "not a matrix" in reason:
-        return "conv reads a window"
+    if "grouped conv" in reason:
+        return "grouped conv"
+    if "neither a matrix" in reason or "not a conv the refit knows" in reason:
+        return "weight neither a matrix nor a conv's"
     if "no bias" in reason:
         return "no bias to adjust"
     if "shared" in reason:
@@ -215,6 +218,7 @@ def bench(epochs: int, log, retrain: bool = False) -> dict:
                     "accuracy": accuracy(pruned, x_test, y_test),
                     "params": params(pruned) / result["params"],
                     "chosen": stats.get("refit_chosen", {}),
+                    "rounds": stats.get("refit_rounds", 0),
                     "refused": dict(refused),
                     "refused_names": stats.get("refit_refused", []),
                     "seconds": time.perf_counter() - start,
@@ -247,6 +251,7 @@ def markdown(r: dict, command: str, load: tuple, took: float) -> str:
             cells = [rows[ratio, importance, f] for f in REFITS]
             ls = rows[ratio, importance, "least_squares"]
             chosen = ", ".join(f"{n} {k}" for k, n in sorted(ls["chosen"].items())) or "none"
+            chosen += f" ({ls['rounds']} rounds)" if ls["rounds"] else ""
             refused = ", ".join(f"{n} ({k})" for k, n in sorted(ls["refused"].items())) or "none"
             lines.append(
                 f"| {ratio} | {importance} | "
@@ -281,7 +286,10 @@ def markdown(r: dict, command: str, load: tuple, took: float) -> str:
             f"Pruned with `rescompile.pipeline.compile_model(model, ['prune:ratio=R,importance=I,refit=F'], "
             f"example_inputs, calibration=batches)`, the default target (conv channels; the residual "
             f"streams stay), {CALIBRATION_BATCHES} calibration batches of {CALIBRATION_BATCH} training "
-            f"images. Test accuracy:",
+            f"images. The refit fits every reader of pruned channels (the 3x3 and 1x1 convs by least "
+            f"squares on im2col patches, the classifier) to the original model's output of that reader, "
+            f"its input from the model pruned, and re-fit, upstream: in rounds, each after the readers "
+            f"upstream of it. Test accuracy:",
             "",
             *lines,
             "",
