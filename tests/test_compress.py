@@ -185,3 +185,34 @@ def test_reports_progress_through_the_pass_manager():
     assert any(m.startswith("pass 1/1: compress:   trying drop h.") for m in said)
     assert any(m.startswith("pass 1/1: compress:   trying prune mlp") for m in said)
     assert said[-1].startswith("pass 1/1: compress: done: ") or any("done: " in m for m in said)
+
+
+class _PostNormTail(torch.nn.Module):
+    """Two post-norm MLP blocks, the second's written-out RMSNorm (x * rsqrt(mean x^2 + eps) * w)
+    being the model's output: nothing reads its end, as in a fuzz example where torch's block
+    ended before the norm's gain and ONNX's (an Identity names the output) after it."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.mlp = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(2))
+        self.gain = torch.nn.ParameterList(torch.nn.Parameter(torch.rand(d) + 0.5) for _ in range(2))
+
+    def forward(self, x):
+        for mlp, gain in zip(self.mlp, self.gain):
+            x = x + mlp(x)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+        return x
+
+
+def test_a_post_norm_block_that_ends_the_model_owns_its_norm_gain():
+    from rescompile.analysis.importance import depth_units
+    from rescompile.analysis.residuals import find_residuals
+    from rescompile.api import load
+    from rescompile.passes.compress import _block_params
+
+    module = _PostNormTail()
+    graph = load(module, (torch.randn(2, 3, 4),), dynamic=False)
+    units = depth_units(find_residuals(graph), "block")
+    assert len(units) == 2
+    # each block: its linear (16 + 4) and its norm's gain (4), counted on the module
+    assert _block_params(graph, units) == count(module) == 2 * (16 + 4 + 4)

@@ -208,7 +208,7 @@ def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
         reduced = reduced or node.kind is OpKind.REDUCE
         out = node.outputs[0]
         reached.add(out)
-        live = {v for v in live | {out} if any(c not in nodes for c in v.consumers())}
+        live = {v for v in live | {out} if v.is_graph_output or any(c not in nodes for c in v.consumers())}
         if reduced and live == {out} and node.kind is not OpKind.REDUCE:
             end = out  # everything read so far joined into one value: the norm's end (so far)
             if len(out.consumers()) != 1 or out.is_graph_output:
