@@ -169,3 +169,42 @@ def test_local_functions_survive_and_missing_shapes_are_inferred(tmp_path):
     a = run_onnx(model.SerializeToString(), {"x": x})["y"]
     b = run_onnx(str(out), {"x": x})["y"]
     assert np.array_equal(a, b)
+
+
+def test_an_added_mask_initializer_is_a_constant_not_a_parameter(tmp_path):
+    """A float initializer holding 'minus infinity' and only added (a causal mask: torch's buffer)
+    is no trainable parameter; a bias that is only added stays one. Counting the mask made the
+    frontends disagree on block parameters (a fuzz finding)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rescompile.analysis.cost import count_params
+    from rescompile.ir import CONST, PARAM
+
+    t = 3
+    mask = np.triu(np.full((t, t), -1e9, np.float32), 1)
+    inits = [
+        numpy_helper.from_array(mask, "causal"),
+        numpy_helper.from_array(
+            np.full((t, t), -np.inf, np.float32) * np.triu(np.ones((t, t)), 1), "inf_mask"
+        ),
+        numpy_helper.from_array(np.linspace(-1, 1, t).astype(np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "x"], ["scores"]),
+        helper.make_node("Add", ["scores", "causal"], ["masked"]),
+        helper.make_node("Add", ["masked", "bias"], ["biased"]),
+        helper.make_node("Softmax", ["biased"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, t])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, t])],
+        inits[:1] + inits[2:],
+    )
+    path = tmp_path / "mask.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    loaded = load_onnx(str(path))
+    assert loaded.initializers["causal"].role == CONST
+    assert loaded.initializers["bias"].role == PARAM
+    assert count_params(loaded) == t

@@ -295,3 +295,29 @@ def test_both_frontends_refit_convs_alike(tmp_path):
     original = model.state_dict()["down.0.weight"].numpy()
     assert numpy_of(a.graph.initializers["down.0.weight"].payload).shape[1] < original.shape[1]
     onnx.checker.check_model(b.output)
+
+
+def test_refit_leaves_grad_mode_as_it_was():
+    """The refit runs the original and the pruned module side by side on each batch; torch.no_grad
+    held across the probe's yields restored grad mode in the wrong order and left it off, so the
+    user's next backward failed (a fuzz finding: 'element 0 of tensors does not require grad')."""
+    model, calib = small_cnn(), images(count=4, size=16)
+    assert torch.is_grad_enabled()
+    result = compile_model(
+        model, ["prune:ratio=0.4,refit=least_squares"], example_inputs=calib[0], calibration=calib
+    )
+    assert torch.is_grad_enabled()
+    loss = result.output(*calib[0]).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in result.output.parameters())
+
+
+def test_near_equal_held_out_errors_choose_the_simplest_refit():
+    """Errors equal up to float noise (ONNX Runtime and torch sum differently) choose alike: the
+    simplest within 1e-4 (no refit, then bias, then the strongest ridge); a clear win still wins."""
+    from passes.prune import _simplest_within_noise
+
+    assert _simplest_within_noise({"none": 1.0, "ridge 0.3": 1.0 - 1e-7, "ridge 1e-06": 2.0}) == "none"
+    assert _simplest_within_noise({"none": 1.0, "ridge 0.3": 1.0 - 1e-7, "ridge 30": 1.0 - 2e-7}) == "none"
+    assert _simplest_within_noise({"none": 1.0, "ridge 0.3": 0.5, "ridge 30": 0.5 + 1e-6}) == "ridge 30"
+    assert _simplest_within_noise({"none": 1.0, "bias": 0.9, "ridge 0.3": 0.5}) == "ridge 0.3"

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from rescompile._gc import paused_gc
@@ -244,6 +245,9 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
                 out.meta["onnx.absent"] = True
             vmap[o] = out
     graph.set_outputs(vmap[v] for v in src_graph.outputs)
+    for value in graph.initializers.values():
+        if value.role == PARAM and _is_additive_mask(value):
+            value.role = CONST
     graph.source = OnnxSource(
         ir_version=model.ir_version,
         opset_imports=dict(model.opset_imports),
@@ -261,6 +265,24 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
         model=model if owned else None,
     )
     return graph
+
+
+MASK_MAGNITUDE = 1e4
+
+
+def _is_additive_mask(value: Value) -> bool:
+    """An initializer only added to other values and holding "minus infinity" (-inf, -1e9,
+    float32's min, BERT's -10000) is an attention mask: torch keeps it as a buffer, not a
+    trainable parameter, and counting it as one made the frontends count block parameters
+    differently (a fuzz finding). Only such Add-only initializers are read (never a weight)."""
+    readers = value.consumers()
+    if not readers or any(n.op_type != "Add" or n.domain not in ("", "ai.onnx") for n in readers):
+        return False
+    tensor = value.payload
+    if isinstance(tensor, ir.ExternalTensor):
+        return False  # a mask is small; never read external data just to ask
+    array = np.asarray(tensor.numpy())
+    return bool(array.size) and bool((~np.isfinite(array)).any() or np.abs(array).max() >= MASK_MAGNITUDE)
 
 
 def _undefined_input(graph: ir.Graph, node: ir.Node, value: ir.Value) -> str:

@@ -233,14 +233,15 @@ def _prepare_torch(graph, values, bypass) -> Callable[[Sequence[Batch]], Iterato
     module.recompile()
 
     def run(batches: Sequence[Batch]) -> Iterator[list[np.ndarray]]:
-        with torch.no_grad():
-            for batch in batches:
-                args, kwargs = (
-                    batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
-                )
-                found.clear()
+        # no_grad around the call only, never across a yield: a suspended generator would leave
+        # grad mode off for its caller, and two run side by side restore it in the wrong order
+        # (grad mode stayed off after prune's refit; the fuzzer's backward check found it).
+        for batch in batches:
+            args, kwargs = batch if isinstance(batch, _TorchCall) else normalize_example_inputs(batch, None)
+            found.clear()
+            with torch.no_grad():
                 module(*args, **kwargs)
-                yield [found[i].detach().float().numpy() for i in range(len(values))]
+            yield [found[i].detach().float().numpy() for i in range(len(values))]
 
     return run
 
