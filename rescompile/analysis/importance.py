@@ -187,6 +187,11 @@ def _constant(value: Value | None) -> bool:
     )
 
 
+def _per_channel(value: Value | None) -> bool:
+    """A constant with more than one element along some axis (a norm's gain or bias)."""
+    return value is not None and _constant(value) and bool(value.shape) and any(d != 1 for d in value.shape)
+
+
 def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
     """Where a norm written out from `start` ends: the ops reading `start` (elementwise ones and a
     reduction, other inputs constant) join again into one value after a reduction rejoined the
@@ -195,7 +200,7 @@ def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
     order = start.graph.node_order() if start.graph is not None else None
     if order is None or start.is_graph_output:
         return None
-    reached, live, nodes, reduced, end = {start}, {start}, [], False, None
+    reached, live, nodes, reduced, end, affine = {start}, {start}, [], False, None, []
     pending = sorted({n for n in start.consumers()}, key=order.__getitem__)
     while pending and len(nodes) < limit:
         node = pending.pop(0)
@@ -210,12 +215,19 @@ def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
         reached.add(out)
         live = {v for v in live | {out} if v.is_graph_output or any(c not in nodes for c in v.consumers())}
         if reduced and live == {out} and node.kind is not OpKind.REDUCE:
+            if end is not None:
+                affine.append(node.kind)
             end = out  # everything read so far joined into one value: the norm's end (so far)
             if len(out.consumers()) != 1 or out.is_graph_output:
                 return end
             nxt = out.consumers()[0]
-            if end is not None and not (
-                nxt.kind in (OpKind.MUL, OpKind.ADD) and all(v is out or _constant(v) for v in nxt.inputs)
+            # The affine is one gain then one bias, per channel: a further multiply or a scalar
+            # (a scaling between blocks, which torch keeps outside its norm) is the stream's.
+            if not (
+                nxt.kind in (OpKind.MUL, OpKind.ADD)
+                and nxt.kind not in affine
+                and OpKind.ADD not in affine
+                and all(v is out or _per_channel(v) for v in nxt.inputs)
             ):
                 return end  # past the affine: the stream goes on
         pending = sorted({c for v in live for c in v.consumers() if c not in nodes}, key=order.__getitem__)
