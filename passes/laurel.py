@@ -2,7 +2,8 @@
 
 - rw: `skip + branch` -> `beta * skip + alpha * branch` (learned scalars, init 1);
 - lr: `skip + branch` -> `skip + branch + (skip @ A) @ B`, a rank-r linear map of
-  the skip with B = 0 at init (A random, scaled 1/sqrt(d));
+  the skip with B = 0 at init (A random, scaled 1/sqrt(d)); at a projection site
+  `W x + branch` the map reads x (d_in -> d_out), so the site stays a projection;
 - pa: `skip + branch` -> `skip + branch + sum_j gamma_j * x_j` over the earlier
   values x_j entering blocks j < l of the same stream (learned scalars, init 0;
   `window` limits j to the last k blocks). Earlier values of another shape
@@ -104,16 +105,21 @@ class LaurelPass(PassBase):
         )
 
     def _lowrank(self, graph, site, rng):
+        """The term reads the skip of an identity site, but the fork `x` of a projection site
+        (a d_in -> d_out map beside the shortcut `W x`): read from `W x`, it would make `W x` the
+        input of a weighted path into the branch, and the site an identity site of `W x`."""
         skip = site.skip
-        if channel_axis(skip) != len(skip.shape) - 1:
-            raise PassError(f"laurel: lr needs channels last; site {site.name} is NCHW ({skip.shape})")
-        d = channel_count(skip)
-        r = min(self.options.rank, d)
-        a = new_param(graph, self.name, site, "A", rng.standard_normal((d, r)) / np.sqrt(d))
+        source = site.fork if site.kind == "projection" else skip
+        for value in dict.fromkeys((source, skip)):
+            if channel_axis(value) != len(value.shape) - 1:
+                raise PassError(f"laurel: lr needs channels last; site {site.name} is NCHW ({value.shape})")
+        d_in, d = channel_count(source), channel_count(skip)
+        r = min(self.options.rank, d_in, d)
+        a = new_param(graph, self.name, site, "A", rng.standard_normal((d_in, r)) / np.sqrt(d_in))
         b = new_param(graph, self.name, site, "B", np.zeros((r, d)))
         kw = dict(before=site.add, pass_name=self.name)
-        low = insert_op(graph, "MatMul", [skip, a], name=f"{site.name}/down", **kw)
-        low.dtype, low.shape = skip.dtype, skip.shape[:-1] + (r,)
+        low = insert_op(graph, "MatMul", [source, a], name=f"{site.name}/down", **kw)
+        low.dtype, low.shape = source.dtype, source.shape[:-1] + (r,)
         return [insert_op(graph, "MatMul", [low, b], name=f"{site.name}/up", like=skip, **kw)]
 
     def _previous(self, graph, site, stream):

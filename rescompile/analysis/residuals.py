@@ -483,6 +483,16 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
     )
 
 
+def _drop_nested_projections(sites: list[ResidualSite]) -> list[ResidualSite]:
+    """Drop a projection add that lies in the branch of another site with the same fork: it is a
+    sum inside that block, not a residual. `x + (W x + B A x)` (laurel's low-rank term beside a
+    one-matmul branch) has the shape of a projection `W x + (B A) x` within an identity site."""
+    inside: dict[Value, set[Node]] = {}
+    for site in sites:
+        inside.setdefault(site.fork, set()).update(site.nodes)
+    return [s for s in sites if s.kind != "projection" or s.add not in inside.get(s.fork, ())]
+
+
 def _link_streams(facts: _Facts, sites: list[ResidualSite]) -> list[list[int]]:
     """Chain each site to the first later site whose fork its output reaches through ops without
     parameters of their own (norms, activations, dropout, reshapes), and mark post-norm sites.
@@ -546,6 +556,7 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
         if site is not None
     ]
     sites.sort(key=lambda s: facts.order[s.add])
+    sites = _drop_nested_projections(sites)
     chains = _link_streams(facts, sites)
     final: dict[int, ResidualSite] = {}
     streams = []
