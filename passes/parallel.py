@@ -52,6 +52,8 @@ class ParallelPass(PassBase):
             raise PassError(
                 "parallel: shared_norm needs c=0 (with c != 0 the two norms read different values)"
             )
+        if self.options.shared_norm and self.options.learnable:
+            raise PassError("parallel: shared_norm has no c to learn (the MLP reads N1 x); drop learnable")
 
     @property
     def preserves_function(self) -> bool:

@@ -12,13 +12,16 @@ image); per chain one to three segments of one to three blocks; between segments
 transition (linear or strided conv), a projection block (the shortcut is a linear or a 1x1
 conv) or an add of an unrelated tensor; norm placement per segment (pre, post, none, mixed),
 LayerNorm, RMSNorm (module or decomposed) or BatchNorm, optional post-activation or scaling
-between blocks. Branches: MLP (linear + activation), GLU (split), concatenated linears, a
-bare parameter matmul, attention with heads, grouped KV heads, fused or separate QKV,
-no / causal (constant) / full-shape input mask, explicit or scaled_dot_product_attention, MLPs
-sharing the weights of an earlier MLP of their chain (ALBERT-style); conv
-blocks: basic (grouped), bottleneck (grouped or depthwise), depthwise-separable. Adds that are
-not residual: bias adds (linear in ONNX is MatMul + Add), positional embeddings, attention
-masks, GELU's `1 + erf`, RMSNorm's `+ eps`, a conditioning input, and the sum of two chains.
+between blocks; or a segment of transformer layers (an attention block then an MLP block, both
+pre-norm as GPT-2 and LLaMA or both post-norm as BERT: the two-branch layers of parallel,
+macaron and ladder; every segment of a token chain in the "layers" style). Branches: MLP
+(linear + activation), GLU (split), concatenated linears, a bare parameter matmul, attention
+with heads, grouped KV heads, fused or separate QKV, no / causal (constant) / full-shape input
+mask, explicit or scaled_dot_product_attention, MLPs sharing the weights of an earlier MLP of
+their chain (ALBERT-style); conv blocks: basic (grouped), bottleneck (grouped or depthwise),
+depthwise-separable. Adds that are not residual: bias adds (linear in ONNX is MatMul + Add),
+positional embeddings, attention masks, GELU's `1 + erf`, RMSNorm's `+ eps`, a conditioning
+input, and the sum of two chains.
 
 Ground truth rules (the documented analysis, restated for what is generated): every block add
 is a site; identity when the skip is the block input, projection when the skip is a weighted
@@ -296,6 +299,7 @@ class Builder:
 
 # ----- the strategy ----------------------------------------------------------------------------
 _WIDTHS = (4, 6, 8, 12)
+_MLPS = ("mlp", "glu", "cat")  # a transformer layer's second branch
 
 
 def _divisors(n: int) -> list[int]:
@@ -325,12 +329,14 @@ class _Chain:
         return self.b.norm(self.norm_kind, x, self.eps, self.rms_style)
 
     # ----- token branches --------------------------------------------------------------------
-    def token_branch(self, h: int, out_width: int, projection: bool) -> int:
+    def token_branch(self, h: int, out_width: int, projection: bool, kind: str | None = None) -> int:
+        """A token branch of the drawn kind, or of `kind` (a layer's attention or MLP)."""
         draw, b = self.draw, self.b
         # A bare matmul beside a linear shortcut would make `W1 x + W2 x`: either side can be
         # the shortcut (the analysis takes the cheaper one), so projection blocks do not draw it.
         kinds = ("mlp", "glu", "cat", "attention") + (() if projection else ("matmul",))
-        kind = draw(st.sampled_from(kinds))
+        if kind is None:  # drawn here only, so that a fixed kind adds no draw to the old examples
+            kind = draw(st.sampled_from(kinds))
         self.b.summary[-1] += f" {kind}"
         hidden = draw(st.sampled_from((4, 8, 12)))
         act, manual = draw(st.sampled_from(ACTS)), draw(st.booleans())
@@ -408,7 +414,15 @@ class _Chain:
         return b.conv(y, c, 1, bias=True)
 
     # ----- blocks ----------------------------------------------------------------------------
-    def block(self, x: int, placement: str, glue: str, project_to: int | None = None, stride: int = 1) -> int:
+    def block(
+        self,
+        x: int,
+        placement: str,
+        glue: str,
+        project_to: int | None = None,
+        stride: int = 1,
+        kind: str | None = None,
+    ) -> int:
         draw, b = self.draw, self.b
         b.summary.append(f"  {'proj ' if project_to else ''}{placement}")
         pre = placement == "pre"
@@ -421,7 +435,7 @@ class _Chain:
             c = b.shapes[x][1]
             branch = self.conv_branch(h, project_to or c, stride)
         else:
-            branch = self.token_branch(h, project_to or b.shapes[x][-1], project_to is not None)
+            branch = self.token_branch(h, project_to or b.shapes[x][-1], project_to is not None, kind)
         if project_to is not None:
             b.new_stream()
             if self.image:
@@ -443,8 +457,15 @@ class _Chain:
 
     def segment(self, x: int, first: str) -> int:
         draw = self.draw
-        if self.style is None:
-            style = draw(st.sampled_from(("pre", "pre", "post", "none", "mixed")))
+        if self.style == "layers" and not self.image:
+            return self.layers(x, first)
+        if self.style in (None, "layers"):
+            # "layers" last: a new choice at the end keeps the old examples' draws (and blobs)
+            style = draw(st.sampled_from(("pre", "pre", "post", "none", "mixed", "layers")))
+            if style == "layers" and not self.image:
+                return self.layers(x, first)
+            if style == "layers":
+                style = "pre"
             glue = draw(st.sampled_from(("none", "none", "act", "scale")))
         else:
             style, glue = ("pre" if self.style == "pre-pure" else "post"), "none"
@@ -461,9 +482,28 @@ class _Chain:
                 x = self.block(x, placement, glue)
         return x
 
+    def layers(self, x: int, first: str) -> int:
+        """One to three transformer layers on one stream: attention then MLP, both pre-norm
+        (GPT-2, LLaMA: x + A(N1 x), then + M(N2 .)) or both post-norm (BERT: N1(x + A x), then
+        N2(. + M .)), nothing between the blocks: two consecutive branches of one layer. After a
+        projection transition the segment starts with a projection MLP block (its own unit)."""
+        draw, b = self.draw, self.b
+        placement = draw(st.sampled_from(("pre", "post")))
+        n = draw(st.integers(1, 3))
+        b.summary.append(f"  {n} {placement}-norm layers")
+        if first == "projection":
+            width = draw(st.sampled_from(_WIDTHS))
+            x = self.block(x, placement, "none", project_to=width, kind=draw(st.sampled_from(_MLPS)))
+        else:
+            b.new_stream()
+        for _ in range(n):
+            x = self.block(x, placement, "none", kind="attention")
+            x = self.block(x, placement, "none", kind=draw(st.sampled_from(_MLPS)))
+        return x
+
     def transition(self, x: int) -> tuple[int, str]:
         draw, b = self.draw, self.b
-        kinds = ("weighted",) + (() if self.style == "pre-pure" else ("projection",))
+        kinds = ("weighted",) + (() if self.style in ("pre-pure", "layers") else ("projection",))
         kind = draw(st.sampled_from(kinds + (() if self.image else ("unrelated",))))
         b.summary.append(f"  -- {kind}")
         if kind == "weighted":
@@ -519,7 +559,7 @@ class _Chain:
         return x
 
 
-STYLES = (None, "pre-pure", "post")
+STYLES = (None, "pre-pure", "post", "layers")
 
 
 @st.composite
@@ -529,12 +569,17 @@ def programs(draw, max_chains: int = 2, style: str | None = None) -> Program:
     Args:
         style: None draws everything; "pre-pure" makes every segment a pure pre-norm stream (no
             projection blocks, nothing between blocks, a final norm: what hyper, frac, dense and
-            decay's compensation need); "post" makes every block post-norm (deepnorm's kind).
+            decay's compensation need); "post" makes every block post-norm (deepnorm's kind);
+            "layers" makes the first chain's segments transformer layers (attention then MLP, pre-
+            or post-norm: what parallel, macaron and ladder rewrite), a second chain may be an image.
     """
     b = Builder(draw(st.integers(0, 2**16)), symbolic_batch=draw(st.booleans()))
     n = draw(st.integers(1, max_chains))
     pooled = n > 1 and draw(st.booleans())
-    outputs = [_Chain(draw, b, i, draw(st.booleans()), style).run(pooled) for i in range(n)]
+    outputs = []
+    for i in range(n):  # the layers style's first chain is tokens (no draw: old draws stay as they were)
+        image = (i > 0 or style != "layers") and draw(st.booleans())
+        outputs.append(_Chain(draw, b, i, image, style).run(pooled))
     if pooled:  # the sum of two unrelated chains: not a residual
         b.summary.append("sum of chains")
         outputs = [b.add(outputs[0], outputs[1])]

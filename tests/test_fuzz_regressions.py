@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
-from hypothesis.errors import DidNotReproduce
 from test_fuzz import PropertyFailed, check_onnx_path, check_pass, check_torch_path
 
 from rescompile.api import build_passes, load, run_passes
+from rescompile.errors import RescompileError
 
 
 def _pre_norm_mlp(blocks: int = 1, head: str = "none", width: int = 4, tokens: int = 1) -> Program:
@@ -62,17 +62,21 @@ def test_fuzz_regressions_build_both_forms():
     assert len(list(load(module, args, dynamic=False))) > 0
 
 
-def _two_segments() -> Program:
-    """Two pre-norm MLP blocks with a linear transition between them (two streams), final norm."""
+def _two_segments(placement: str = "pre") -> Program:
+    """Two MLP blocks with a linear transition between them (two streams): pre-norm with a final
+    norm, or post-norm (N(x + B x); the second block's norm is the output)."""
     b = Builder(seed=5, symbolic_batch=False)
     x = b.input("tokens0", (2, 1, 4))
     for i in range(2):
         if i:
             x = b.linear(x, 4)
         b.new_stream()
-        branch = b.linear(b.act(b.linear(b.layernorm(x, 0.0), 8), "relu"), 4)
-        x = b.residual(x, branch, "identity", pre=True, skip_first=False)
-    return b.finish([b.layernorm(x, 0.0)])
+        h = b.layernorm(x, 0.0) if placement == "pre" else x
+        branch = b.linear(b.act(b.linear(h, 8), "relu"), 4)
+        x = b.residual(x, branch, "identity", pre=placement == "pre", skip_first=False)
+        if placement == "post":
+            x = b.layernorm(x, 0.0)
+    return b.finish([b.layernorm(x, 0.0) if placement == "pre" else x])
 
 
 def test_regression_drop_counts_a_linear_bias_alike_in_both_frontends():
@@ -145,99 +149,91 @@ def test_known_defects_have_strict_xfail_regressions():
         assert marks and marks[0].kwargs.get("strict"), test_name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fold/_scale_params: a per-channel factor (layerscale's gamma) over a branch ending in "
-    "`* 0.5` scales the ONNX constant into a vector but is refused on torch's Python number, which "
-    "cannot hold one (it needs the number turned into a tensor argument)",
-)
 def test_regression_fold_per_channel_factor_into_a_number():
     """From the constant-multiply regression with layerscale: ['layerscale:init=0.5', 'fold'] on a
-    branch ending in a written-out GELU; the frontends fold differently."""
+    branch ending in a written-out GELU. A per-channel factor (layerscale's gamma) over the final
+    `* 0.5` scaled the ONNX constant into a vector but was refused on torch's Python number, which
+    cannot hold one, so the frontends folded differently; the number becomes a constant now
+    (passes/_scale_params.py)."""
     from test_fuzz import _pre_norm_stack
 
     check_pass(_pre_norm_stack(act="gelu", manual=True), ["layerscale:init=0.5", "fold"])
 
 
-def _replay(name: str, blob: bytes) -> None:
-    """Replay one example of test_fuzz's fuzz test for pass `name` (its exact draws: style,
-    program, specs) from hypothesis's @reproduce_failure blob; once the defect is fixed the
-    example no longer fails and hypothesis raises DidNotReproduce (so the xfail, limited to
-    PropertyFailed, fails and says so)."""
-    from fuzzgen import STYLES, programs
-    from hypothesis import given, reproduce_failure, settings
-    from hypothesis import strategies as st
-    from test_fuzz import pass_specs
+def _token_layers(
+    blocks: str,
+    placement: str = "pre",
+    norm: str = "layernorm",
+    heads: int = 2,
+    kv: int = 1,
+    attention: str = "manual",
+    tokens: int = 2,
+    head: str = "none",
+    head_dim: int = 2,
+    mask: bool = False,
+) -> Program:
+    """Token blocks on one stream, eps 0: `blocks` spells them, "a" an attention block (separate
+    q, k, v linears, heads `head_dim` wide, `kv` key/value heads repeated by repeat_interleave,
+    `attention` manual or sdpa, an input mask if `mask`), "m" an MLP block (W2 relu(W1 h), hidden
+    8). Pre-norm (x + B(N x)) or post-norm (N(x + B x)), LayerNorm or RMSNorm (one torch module,
+    written out in ONNX); head "none" (the stream is the output) or "norm" (a final norm)."""
+    b = Builder(seed=5, symbolic_batch=False)
+    x = b.input("tokens0", (2, tokens, 4))
+    m = b.input("mask0", (2, heads, tokens, tokens)) if mask else None
+    b.new_stream()
+    for kind in blocks:
+        h = b.norm(norm, x, 0.0) if placement == "pre" else x
+        if kind == "a":
+            q, k, v = (b.heads(b.linear(h, n * head_dim), n) for n in (heads, kv, kv))
+            if kv != heads:
+                k, v = (b.repeat_kv(t, heads // kv, "interleave") for t in (k, v))
+            branch = b.linear(b.merge_heads(b.attention(q, k, v, m, False, attention)), 4)
+        else:
+            branch = b.linear(b.act(b.linear(h, 8), "relu"), 4)
+        x = b.residual(x, branch, "identity", pre=placement == "pre", skip_first=False)
+        if placement == "post":
+            x = b.norm(norm, x, 0.0)
+    return b.finish([b.norm(norm, x, 0.0) if head == "norm" else x])
 
-    def fuzz(data):
-        program = data.draw(programs(style=data.draw(st.sampled_from(STYLES))), label="program")
-        check_pass(program, data.draw(pass_specs(name), label="specs"))
 
-    test = given(data=st.data())(fuzz)
-    reproduce_failure("6.170.17", blob)(settings(database=None, deadline=None)(test))()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=PropertyFailed,
-    reason="fuse (owned elsewhere): ['fuse:inputs=true'] on a two-chain model (post-norm tokens "
-    "with attention and tied MLPs, a BatchNorm CNN): the stats list 6 refused folds for ONNX, 8 "
-    "for torch (not shrunk yet: found at 08:45 by the make-test budget)",
-)
-def test_regression_fuse_refusals_alike_in_both_frontends():
-    _replay(
-        "fuse",
-        b"AXicNY3BEYBADAITciVoQdh/UULQuQ+zkD3iue4iqqjXPJxWGoIh1RvQu5ivWewGPKUw7rrj0MDbUNhtrw9iUyEv"
-        b"o+h8iChUGpXB6s5Hlv5ja8bnLyAgEuc=",
-    )
+# The examples below were @reproduce_failure blobs of test_fuzz's fuzz tests. A blob means its
+# program only under one version of the generator and of hypothesis (which refuses a blob of
+# another version), so each is now the example's structure written out with Builder, shrunk, and
+# checked to fail with the code before its fix (the commit's parent; fuse: 9a24bc4).
 
 
 def test_regression_prune_finds_the_same_mlp_groups_in_both_frontends():
     """target=mlp pruned 4 groups in ONNX and 3 in torch: torch's repeat_interleave (GQA's
     key/value repeat) had no axis map, so its group was opaque there while ONNX's Unsqueeze,
     Expand, Reshape mapped. It maps now (a Group, one input index per block of repeats)."""
-    with pytest.raises(DidNotReproduce):
-        _replay(
-            "prune",
-            b"AXicTY7BDcAwCAN9pB3M6v471UAfVaQQgznHPEhyIWNZ+HK0fHK6SpBnmVgqDdpX7UzPpGo2I3t8WimUbGU4iEVH"
-            b"MwnTvDuCBQ0SlvDJ6uiOWN9pSPG7kjE0fRv7EdbwAjD+FVU=",
-        )
+    program = _token_layers("am", norm="rmsnorm", heads=4, kv=1, tokens=4, head="norm", head_dim=4, mask=True)
+    check_pass(program, ["prune:uniform=false,target=mlp,refit=auto,round_to=1,min_keep=2,seed=1"])
 
 
-def test_regression_parallel_refuses_alike_in_both_frontends():
-    """parallel:c=0 on a post-norm RMSNorm stream: ONNX's RMSNorm is several nodes, torch's one
-    rms_norm node, and the post-norm test once asked for a single norm node, so ONNX refused the
-    site torch converted. It now reads the analysis's post-norm mark. The replayed example must
-    pass every property (hypothesis then says it did not reproduce)."""
-    with pytest.raises(DidNotReproduce):
-        _replay(
-            "parallel",
-            b"AXicdYsLCgAgCEOnHqSzrPsfqvxRECHo3PaoUwaoAu4BxZcfpYUTVppxtFx0/aIsU8/xwSX/KqWyF2rkVFssXoERyQ==",
-        )
+def test_regression_parallel_converts_post_norm_rmsnorm_alike_in_both_frontends():
+    """parallel:c=0 on a post-norm RMSNorm layer (attention, MLP): ONNX's RMSNorm is several
+    nodes, torch's one rms_norm node, and the post-norm test once asked for a single norm node,
+    so ONNX refused the site torch converted. It now reads the analysis's post-norm mark."""
+    program = _token_layers("amam", placement="post", norm="rmsnorm")
+    check_pass(program, ["parallel:c=0"])
+    assert check_onnx_path(program, ["parallel:c=0"], preserving=False).stats == {"0:parallel": {"layers": 2}}
 
 
 @pytest.mark.parametrize(
-    "name, blob",
+    "blocks, spec",
     [
-        (
-            "loop",
-            b"AXicLYzbDcAwDALB8RL97SZ0/6HqSyL5gTjs1Pc+iqeiSGmGslK7NaTYBAyu9JjG25m5OxA8wttb9vnIuAjRtLkQodSN/+/rDkw=",
-        ),
-        (
-            "drop",
-            b"AXicXY3LEYBACEMTVgt7FmD/5cjHPegwTEgCgbjOW4SFEWpIZBHFk8h7aOBH13dtjR64Bo/HQdupZmdJvOcxf2pxB7vUynkA/ZUPgw==",
-        ),
-        ("compress", b"AXicJcvRFQAgCAJAwAaL9h8q0R8f4mk9XZowDQNWRrbySQcyWU2apeGamutY7GtS0AeB2QiL"),
+        ("aa", "loop:n=3,init=0.5,sites=depth:1-4"),
+        ("mm", "drop:sites=all"),
+        ("maa", "compress:params=0.7,max_steps=1"),
     ],
 )
-def test_regression_post_norm_blocks_end_after_a_written_out_norm(name, blob):
+def test_regression_post_norm_blocks_end_after_a_written_out_norm(blocks, spec):
     """The last block of a post-norm stream ends after its norm. That was found for torch's one
     rms_norm node but not for ONNX's RMSNorm written out (Pow, ReduceMean, Add, Sqrt, Div, Mul),
     so loop looped a different region (outputs 0.99 apart), drop scored different exits and
     compress chose differently. `analysis.importance._after_post_norm` now follows a written-out
-    norm to where its ops join again; the replayed examples (the 1,000-example run's) pass."""
-    with pytest.raises(DidNotReproduce):
-        _replay(name, blob)
+    norm to where its ops join again."""
+    check_pass(_token_layers(blocks, placement="post", norm="rmsnorm", attention="sdpa"), [spec])
 
 
 def test_regression_prune_keeps_sdpa_scale_of_the_unpruned_head_dim():
@@ -245,5 +241,37 @@ def test_regression_prune_keeps_sdpa_scale_of_the_unpruned_head_dim():
     scaled_dot_product_attention without `scale` divides by sqrt of the head_dim it is given, so
     the torch module changed its softmax while ONNX (a constant scale) kept it: outputs 0.038
     apart (found by make test's budget). prune now pins scale = 1/sqrt(original head_dim)."""
-    with pytest.raises(DidNotReproduce):
-        _replay("prune", b"AXicc2R0ZGBwZGRwZADRzCACyAVCZrAIVByiAgYAkBEEng==")
+    program = _token_layers("a", heads=1, kv=1, attention="sdpa", tokens=3, head="norm")
+    check_pass(program, ["prune"])
+
+
+def test_regression_fuse_refusals_alike_in_both_frontends():
+    """From ['fuse:inputs=true'] on a two-chain model (post-norm tokens with attention and tied
+    MLPs, a BatchNorm CNN): the stats listed 6 refused folds for ONNX, 8 for torch. Shrunk: a
+    post-norm MLP block, its LayerNorm read by a linear transition, a post-norm MLP block. The
+    LayerNorm's shift folded into the transition, whose bias is a separate Add in ONNX (MatMul +
+    Add), became a second add that hid the linear from output fusion in ONNX only; the shift joins
+    that bias add now (passes/fuse.py)."""
+    check_pass(_two_segments("post"), ["fuse:inputs=true"])
+
+
+def test_regression_parallel_shared_norm_leaves_no_dead_learnable_c():
+    """Found by the fuzzer once the generator drew transformer layers: one pre-norm layer
+    (attention, MLP) and ['parallel:c=0,shared_norm=true,learnable=true'] made a trainable c that
+    the shared norm's rewiring never read (no gradient). parallel now refuses the pair."""
+    with pytest.raises(RescompileError, match="shared_norm has no c to learn"):
+        build_passes(["parallel:c=0,shared_norm=true,learnable=true"])
+    check_pass(_token_layers("am"), ["parallel:c=0,shared_norm=true"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=PropertyFailed,
+    reason="parallel (owned elsewhere): shared_norm looks for one norm node reading the layer's "
+    "input (`_leading_norm`); ONNX writes RMSNorm out (Mul, ReduceMean, Add, Sqrt, Div, Mul), so "
+    "ONNX refuses ('does not start with a norm') the layer torch's one rms_norm node converts",
+)
+def test_regression_parallel_shared_norm_finds_a_written_out_rmsnorm():
+    """Found by the fuzzer once the generator drew transformer layers: one pre-norm RMSNorm layer
+    (attention, MLP; LLaMA's kind) and ['parallel:c=0,shared_norm=true']."""
+    check_pass(_token_layers("am", norm="rmsnorm"), ["parallel:c=0,shared_norm=true"])
