@@ -87,14 +87,19 @@ class CompressPass(PassBase):
         )
         importance: str = dataclasses.field(
             default="activation",
-            metadata={"choices": ("l2", "l1", "activation"), "help": "how prune ranks units"},
+            metadata={
+                "choices": ("l2", "l1", "activation", "fluctuation"),
+                "help": "how prune ranks units (fluctuation: the variance a unit carries, what "
+                "refit=least_squares cannot restore; prune's best with refit)",
+            },
         )
         refit: str = dataclasses.field(
-            default="none",
+            default="auto",
             metadata={
-                "choices": ("none", "bias", "least_squares"),
-                "help": "prune's refit of what reads pruned channels, at each width action (none by "
-                "default: least_squares re-fits every width candidate of every step, many times slower)",
+                "choices": ("auto", "none", "bias", "least_squares"),
+                "help": "prune's refit of what reads pruned channels, at each width candidate; auto: "
+                "least_squares when calibration data is given (MiniLM at params=0.7: 0.917 against "
+                "0.866 without; about 4x the planner's time), else none",
             },
         )
         replace: str = dataclasses.field(
@@ -140,7 +145,9 @@ class CompressPass(PassBase):
 
     def call(self, graph: Graph) -> PassResult:
         o = self.options
-        self._refit = o.refit
+        self._refit = (
+            o.refit if o.refit != "auto" else ("least_squares" if self.calibration is not None else "none")
+        )
         probe = self.probe(graph)
         self.calibration = probe.batches  # the same batches for every measurement and for prune
         outputs = list(graph.outputs)
