@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rescompile.analysis.importance import depth_units
+from rescompile.analysis.importance import depth_units, written_out_norm
 from rescompile.infra import PassBase, PassError, PassResult, SiteSelector, sites_option
 from rescompile.ir import Graph, OpKind, Value
 from rescompile.ir.regions import Region, remove, replace_entry
@@ -137,11 +137,12 @@ class ParallelPass(PassBase):
         if n1 is None or n2 is None:
             site = second if n2 is None else first
             raise PassError(f"parallel: shared_norm: site {site.name}'s branch does not start with a norm")
-        for node in list(n2.outputs[0].consumers()):
+        (out1, _), (out2, nodes2) = n1, n2
+        for node in list(out2.consumers()):
             for i, value in enumerate(node.inputs):
-                if value is n2.outputs[0]:
-                    node.replace_input_with(i, n1.outputs[0])
-        remove(Region(graph, [n2]), replace={})
+                if value is out2:
+                    node.replace_input_with(i, out1)
+        remove(Region(graph, nodes2), replace={})
 
 
 def _post_norm_of(second, first) -> bool:
@@ -151,9 +152,11 @@ def _post_norm_of(second, first) -> bool:
     return first.norm == "post" and not reads_output(second, first)
 
 
-def _leading_norm(site):
-    """The norm node that reads the site's fork first in its branch (its pre-norm)."""
+def _leading_norm(site) -> tuple[Value, list] | None:
+    """The norm that reads the site's fork first in its branch (its pre-norm): its output and
+    its nodes. One norm node (torch's rms_norm, ONNX's LayerNormalization) or a norm written out
+    in elementwise ops (ONNX's RMSNorm), so that both frontends share it alike."""
     for node in site.fork.consumers():
         if node.kind is OpKind.NORM and node in site.nodes:
-            return node
-    return None
+            return node.outputs[0], [node]
+    return written_out_norm(site.fork, within=set(site.nodes))

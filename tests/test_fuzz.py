@@ -542,14 +542,7 @@ def test_pass_properties(name):
 # tests/test_fuzz_regressions.py; the fuzz tests count matching failures as "known" and go on
 # exploring. (pass, property, what the message says, the regression test.) Delete a row when its
 # test passes.
-KNOWN_DEFECTS = [
-    (
-        "parallel",
-        "parity",
-        r"onnx: pass parallel: shared_norm: site \w+'s branch does not start with a norm; torch: ok",
-        "test_regression_parallel_shared_norm_finds_a_written_out_rmsnorm",
-    ),
-]
+KNOWN_DEFECTS: list[tuple[str, str, str, str]] = []
 
 
 def _known_defect(name: str, exc: PropertyFailed) -> bool:

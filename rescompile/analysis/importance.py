@@ -20,12 +20,12 @@ models itself. Lower scores mean "removing it changes less" for every metric:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite
-from rescompile.ir import OpKind, Value
+from rescompile.ir import Node, OpKind, Value
 from rescompile.ir.ops import Contract, axis_map
 
 __all__ = [
@@ -193,34 +193,48 @@ def _per_channel(value: Value | None) -> bool:
 
 
 def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
-    """Where a norm written out from `start` ends: the ops reading `start` (elementwise ones and a
-    reduction, other inputs constant) join again into one value after a reduction rejoined the
-    unreduced tensor (x * rsqrt(mean(x^2)), x - mean(x)), then through a per-channel affine
-    (a multiply, an add of constants). None when `start` does not begin such a pattern."""
+    """Where a norm written out from `start` ends (see `written_out_norm`), or None."""
+    found = written_out_norm(start, limit)
+    return found[0] if found else None
+
+
+def written_out_norm(
+    start: Value, limit: int = 16, within: Collection[Node] | None = None
+) -> tuple[Value, list[Node]] | None:
+    """A norm written out from `start`: its end and its nodes. The ops reading `start`
+    (elementwise ones and a reduction, other inputs constant) join again into one value after a
+    reduction rejoined the unreduced tensor (x * rsqrt(mean(x^2)), x - mean(x)), then through a
+    per-channel affine (a multiply, an add of constants). `within`: only these readers count (a
+    branch's norm, where `start` is a fork other branches also read). None when `start` does not
+    begin such a pattern."""
     order = start.graph.node_order() if start.graph is not None else None
     if order is None or start.is_graph_output:
         return None
+
+    def readers(value: Value) -> list[Node]:
+        return [c for c in value.consumers() if within is None or c in within]
+
     reached, live, nodes, reduced, end, affine = {start}, {start}, [], False, None, []
-    pending = sorted({n for n in start.consumers()}, key=order.__getitem__)
+    pending = sorted(set(readers(start)), key=order.__getitem__)
     while pending and len(nodes) < limit:
         node = pending.pop(0)
         ins = [v for v in node.inputs if v is not None]
         if node.kind not in _NORM_PARTS or len(node.outputs) != 1:
-            return end
+            break
         if any(v not in reached and not _constant(v) for v in ins):
-            return end
+            break
         nodes.append(node)
         reduced = reduced or node.kind is OpKind.REDUCE
         out = node.outputs[0]
         reached.add(out)
-        live = {v for v in live | {out} if v.is_graph_output or any(c not in nodes for c in v.consumers())}
+        live = {v for v in live | {out} if v.is_graph_output or any(c not in nodes for c in readers(v))}
         if reduced and live == {out} and node.kind is not OpKind.REDUCE:
             if end is not None:
                 affine.append(node.kind)
-            end = out  # everything read so far joined into one value: the norm's end (so far)
-            if len(out.consumers()) != 1 or out.is_graph_output:
-                return end
-            nxt = out.consumers()[0]
+            end = (out, list(nodes))  # everything read so far joined into one value: the norm's end
+            if len(readers(out)) != 1 or out.is_graph_output:
+                break
+            nxt = readers(out)[0]
             # The affine is one gain then one bias, per channel: a further multiply or a scalar
             # (a scaling between blocks, which torch keeps outside its norm) is the stream's.
             if not (
@@ -229,8 +243,8 @@ def _written_out_norm_end(start: Value, limit: int = 16) -> Value | None:
                 and OpKind.ADD not in affine
                 and all(v is out or _per_channel(v) for v in nxt.inputs)
             ):
-                return end  # past the affine: the stream goes on
-        pending = sorted({c for v in live for c in v.consumers() if c not in nodes}, key=order.__getitem__)
+                break  # past the affine: the stream goes on
+        pending = sorted({c for v in live for c in readers(v) if c not in nodes}, key=order.__getitem__)
     return end
 
 
