@@ -717,7 +717,9 @@ def _simplest_within_noise(held_out: Mapping[str, float], tolerance: float = 1e-
     error is within `tolerance` (relative) of the best: near-equal errors are float noise, and
     ONNX Runtime and torch would otherwise break the tie differently (a fuzz finding)."""
     best = min(held_out.values())
-    slack = tolerance * max(abs(best), abs(held_out.get("none", best)))
+    # relative to the best (an exact fit, error ~0, leaves no slack), plus a floor far below any
+    # real difference for errors that are 0 up to rounding
+    slack = tolerance * abs(best) + 1e-12 * abs(held_out.get("none", best))
     return next(n for n in _SIMPLEST_FIRST if n in held_out and held_out[n] <= best + slack)
 
 
