@@ -173,6 +173,15 @@ class PrunePlan:
                 cut.setdefault(member.value, {})[member.axis] = indices
         return cut
 
+    def pruned_readers(self) -> list[tuple[Reader, frozenset[int]]]:
+        """Every reader of a group that loses units, with the units it loses (what refit fits)."""
+        return [
+            (reader, self.removed[g.index])
+            for g in self.analysis.groups
+            if self.removed.get(g.index)
+            for reader in readers(g)
+        ]
+
     @property
     def params_removed(self) -> int:
         return sum(
@@ -730,14 +739,12 @@ def _refit(graph: Graph, plan: PrunePlan, probe, mode: str) -> tuple[list[str], 
     the ones upstream are re-fit (Channel Pruning's sequential reconstruction). Returns the
     readers refused, with why, how many readers took each choice, and the rounds."""
     fits, refused, cut = [], [], plan.removed_slices()
-    for group in plan.analysis.groups:
-        gone = plan.removed.get(group.index)
-        for reader in readers(group) if gone else ():
-            reason, window, bias = _refit_refusal(reader, mode)
-            if reason:
-                refused.append(reason)
-            else:
-                fits.append(_Fit.of(reader, gone, cut, window, bias))
+    for reader, gone in plan.pruned_readers():
+        reason, window, bias = _refit_refusal(reader, mode)
+        if reason:
+            refused.append(reason)
+        else:
+            fits.append(_Fit.of(reader, gone, cut, window, bias))
     original = GraphSnapshot.take(graph)
     _prune(graph, cut)
     levels = _levels(graph, fits)

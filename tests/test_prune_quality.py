@@ -24,7 +24,6 @@ import torch
 import rescompile
 from passes._branch import numpy_of
 from passes.prune import PrunePass
-from rescompile.analysis.groups import readers
 from rescompile.frontends.probe import probe
 from rescompile.infra import PassError
 from rescompile.pipeline import compile_model, load
@@ -190,12 +189,7 @@ def test_refit_never_increases_a_readers_calibration_error():
     pass_ = PrunePass(ratio=0.5, uniform=True, importance="activation")
     pass_.calibration = calib
     plan = pass_.plan(graph)
-    found = [
-        (r, plan.removed[g.index])
-        for g in plan.analysis.groups
-        if g.index in plan.removed
-        for r in readers(g)
-    ]
+    found = plan.pruned_readers()
     assert len(found) == 4
     activations = list(probe(graph, calib, [r.data.value for r, _ in found]))
     errors = {}

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from passes._branch import numpy_of
 from passes.prune import PrunePass, _conv_window
-from rescompile.analysis.groups import readers
 from rescompile.frontends.probe import probe
 from rescompile.pipeline import compile_model, load
 from rescompile.validation import Tolerance, assert_close, run_onnx
@@ -194,12 +193,7 @@ def test_refit_never_increases_a_conv_readers_calibration_error():
     pass_ = PrunePass(ratio=0.4)
     pass_.calibration = calib
     plan = pass_.plan(graph)
-    found = [
-        (r, plan.removed[g.index])
-        for g in plan.analysis.groups
-        if g.index in plan.removed
-        for r in readers(g)
-    ]
+    found = plan.pruned_readers()
     assert {r.weight.value.name for r, _ in found} >= {"down.0.weight", "back.0.weight", "classifier.weight"}
     original = list(probe(graph, calib, [r.data.value for r, _ in found]))
     cut = plan.removed_slices()
