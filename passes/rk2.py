@@ -113,8 +113,6 @@ class RK2Pass(PassBase):
     def _layer_step(self, graph: Graph, unit, x: Value) -> Value:
         """The layer L becomes x + a (L(x) - x) + b (L(z) - z), z = x + c (L(x) - x); returns it."""
         exit = unit.exit
-        if exit.is_graph_output:
-            raise PassError(f"rk2: layer {unit.name}: its output is a graph output")
         region = Region.between([x], [exit])
         readers = exit.uses()
         step = _Builder(self, graph, unit.sites[-1], after=exit.producer)
@@ -128,6 +126,12 @@ class RK2Pass(PassBase):
         out = step.op("Add", [x, step.combine(x, f1, second)], "out")
         for node, index in readers:
             node.replace_input_with(index, out)
+        if exit.is_graph_output:
+            # The model ends with this layer (a torch module returning the add; ONNX often has an
+            # Identity there instead): the step's result takes the output's place and its name
+            # (the names swap, so both stay unique and an ONNX output keeps its name), as in loop.
+            exit.name, out.name = out.name, exit.name
+            graph.set_outputs([out if v is exit else v for v in graph.outputs])
         return out
 
 

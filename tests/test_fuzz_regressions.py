@@ -12,6 +12,7 @@ from test_fuzz import check_onnx_path, check_pass, check_torch_path
 
 from rescompile.api import build_passes, load, run_passes
 from rescompile.errors import RescompileError
+from rescompile.frontends.torch import export_module
 
 
 def _pre_norm_mlp(blocks: int = 1, head: str = "none", width: int = 4, tokens: int = 1) -> Program:
@@ -269,3 +270,46 @@ def test_regression_parallel_shared_norm_finds_a_written_out_rmsnorm():
     (attention, MLP; LLaMA's kind) and ['parallel:c=0,shared_norm=true']: ONNX's written-out
     RMSNorm was no norm to `_leading_norm`, so ONNX refused what torch converted."""
     check_pass(_token_layers("am", norm="rmsnorm"), ["parallel:c=0,shared_norm=true"])
+
+
+def _post_norm_conv_block() -> Program:
+    """BN(x + BN(conv(relu(BN(conv x))))) (eps 0): one post-norm basic block that ends the model."""
+    b = Builder(seed=2, symbolic_batch=False)
+    x = b.input("image0", (2, 2, 2, 2))
+    b.new_stream()
+    branch = b.batchnorm(b.conv(b.act(b.batchnorm(b.conv(x, 2), 0.0), "relu"), 2), 0.0)
+    x = b.batchnorm(b.residual(x, branch, "identity", pre=False, skip_first=True), 0.0)
+    return b.finish([x])
+
+
+@pytest.mark.parametrize("method", ["heun", "midpoint"])
+def test_regression_rk2_layer_that_ends_the_model(method):
+    """Shrunk from ['rk2:method=heun,scope=layer'] on one post-norm BatchNorm basic block. The
+    layer's output is the model's output: torch refused ("its output is a graph output") while
+    ONNX, with an Identity after it, converted. The step's result now takes the output's place
+    and name, as in loop; checked against the formula x + a f(x) + b f(x + c f(x))."""
+    spec = [f"rk2:method={method},scope=layer"]
+    program = _post_norm_conv_block()
+    check_pass(program, spec)
+    assert check_torch_path(program, spec, preserving=False).refused is None
+    module = to_torch(program)
+    args = tuple(torch.from_numpy(v) for v in feeds(program).values())
+    graph = load(module, args, dynamic=False)
+    name = graph.outputs[0].name
+    run_passes(graph, build_passes(spec))
+    assert [v.name for v in graph.outputs] == [name]
+    rewritten = export_module(graph)
+    a, b, c = {"heun": (0.5, 0.5, 1.0), "midpoint": (0.0, 1.0, 0.5)}[method]
+    with torch.no_grad():
+
+        def layer(v):  # the whole model is the one layer
+            out = module(v)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        x = args[0]
+        f1 = layer(x) - x
+        z = x + c * f1
+        want = x + a * f1 + b * (layer(z) - z)
+        got = rewritten(x)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
