@@ -368,32 +368,38 @@ def _same_shape(a: Value, b: Value, out: Value) -> bool:
     return True
 
 
-def _unscaled(facts: _Facts, value: Value) -> Value:
-    """The stream value under a skip that a rewrite scaled (beta * x, x * alpha_l, casts).
+def _unscaled(facts: _Facts, value: Value) -> list[Value]:
+    """`value` and the stream values under it, nearest first, when a rewrite scaled the skip
+    (beta * x, x * alpha_l, casts).
 
     After `decay` or `laurel` multiply the skip, the branch is still computed
     from x, not from beta * x; looking through the scaling keeps such sites
-    visible to later passes (fold, a second rewrite). A constant stream (a class
-    token expanded from a parameter) is the operand with the product's shape."""
+    visible to later passes (fold, a second rewrite). The caller takes the nearest
+    value the branch reads: a written-out RMSNorm ends in `normed * gain`, which
+    looks like one more scaling, and the fork is the norm's output (as in torch,
+    where the norm is one node), not the value before its gain. A constant stream
+    (a class token expanded from a parameter) is the operand with the product's shape."""
+    chain = [value]
     for _ in range(4):
         node = value.producer
         if node is None or node.kind not in (OpKind.MUL, OpKind.DIV, OpKind.CAST, OpKind.IDENTITY):
-            return value
+            break
         live = facts.live_inputs(node)
         if not live and value.shape is not None:
             live = [v for v in data_inputs(node) if v.shape == value.shape]
         if len(live) != 1 or len([v for v in node.inputs if v is not None]) > 2:
-            return value
+            break
         if node.kind is OpKind.DIV and node.inputs[0] is not live[0]:
-            return value  # c / x is not a scaling of x
+            break  # c / x is not a scaling of x
         value = live[0]
-    return value
+        chain.append(value)
+    return chain
 
 
 def _identity_site(facts: _Facts, add: Node, skip_index: int):
     """Return (normed, fork) when input `skip_index` is the skip of an identity site."""
     skip, branch = add.inputs[skip_index], add.inputs[1 - skip_index]
-    for start in dict.fromkeys((skip, _unscaled(facts, skip))):
+    for start in _unscaled(facts, skip):
         values, weighted = _closure(facts, start, stop=add, concat=True)
         if branch in values:
             return None  # the branch is a function of the skip with no weighted op: x + f(x) inside an op
@@ -483,10 +489,42 @@ def _classify(facts: _Facts, add: Node) -> ResidualSite | None:
     )
 
 
-def _drop_nested_projections(sites: list[ResidualSite]) -> list[ResidualSite]:
-    """Drop a projection add that lies in the branch of another site with the same fork: it is a
-    sum inside that block, not a residual. `x + (W x + B A x)` (laurel's low-rank term beside a
-    one-matmul branch) has the shape of a projection `W x + (B A) x` within an identity site."""
+def _feeds(facts: _Facts, source: Value, target: Value) -> bool:
+    """Whether `source` is a strict data ancestor of `target`. Searches only between them."""
+    low = facts.pos(source)
+    stack, seen = [target.producer] if target.producer is not None else [], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or facts.order[current] <= low:
+            continue
+        seen.add(current)
+        if source in data_inputs(current):
+            return True
+        stack.extend(v.producer for v in data_inputs(current) if v.producer is not None)
+    return False
+
+
+def _drop_nested_terms(facts: _Facts, sites: list[ResidualSite]) -> list[ResidualSite]:
+    """Drop the adds that are terms of another site's branch, not residuals of their own.
+
+    - An add in the branch of a site S that reads an earlier stream value (its fork feeds S's
+      fork): `x_l + (F(x_l) + g x_j)`, laurel's previous-activation term, has the shape of a
+      scaled long skip from x_j around the blocks j..l, which would take their sites apart
+      (a projection site among them looked nested in it). Nested residuals (ESRGAN's
+      residual-in-residual) are kept: an inner site's fork lies in or at the outer fork.
+    - Then a projection add in the branch of another site with the same fork: `x + (W x + B A x)`
+      (laurel's low-rank term beside a one-matmul branch) has the shape of a projection
+      `W x + (B A) x` within an identity site.
+    """
+    holders: dict[Node, list[ResidualSite]] = {}
+    for site in sites:
+        for node in site.nodes:
+            holders.setdefault(node, []).append(site)
+    sites = [
+        s
+        for s in sites
+        if not any(o.fork is not s.fork and _feeds(facts, s.fork, o.fork) for o in holders.get(s.add, ()))
+    ]
     inside: dict[Value, set[Node]] = {}
     for site in sites:
         inside.setdefault(site.fork, set()).update(site.nodes)
@@ -556,7 +594,7 @@ def find_residuals(graph: Graph, *, candidates: Iterable[Node] | None = None) ->
         if site is not None
     ]
     sites.sort(key=lambda s: facts.order[s.add])
-    sites = _drop_nested_projections(sites)
+    sites = _drop_nested_terms(facts, sites)
     chains = _link_streams(facts, sites)
     final: dict[int, ResidualSite] = {}
     streams = []
