@@ -124,8 +124,10 @@ class DropPass(PassBase):
         }
         if self.options.replace == "linear":
             stats["linear_fits"] = self.linear_fits
-        if scores is not None:
-            stats["scores"] = {s.unit.name: round(s.score, 6) for s in scores}
+        if scores is not None:  # inf (never chosen) as None: JSON has no infinity
+            stats["scores"] = {
+                s.unit.name: round(s.score, 6) if np.isfinite(s.score) else None for s in scores
+            }
         return PassResult(graph, modified=True, stats=stats)
 
     def count(self, total: int) -> int:
@@ -154,7 +156,10 @@ class DropPass(PassBase):
         count = self.count(len(units))
         probe = self.probe(graph)
         if o.metric == "greedy":
-            picks = greedy_order(units, count, probe, list(graph.outputs))
+            try:
+                picks = greedy_order(units, count, probe, list(graph.outputs))
+            except ValueError as exc:
+                raise PassError(f"drop: metric=greedy measures no finite output change: {exc}") from None
             return [p.unit for p in picks], picks
         scores = unit_scores(units, o.metric, probe, graph=graph, run=count)
         if o.metric == "angular":
@@ -166,6 +171,12 @@ class DropPass(PassBase):
                     f"no stream has {count} units"
                 ) from None
         ranked = sorted(scores, key=lambda s: s.score)
+        if not all(np.isfinite(s.score) for s in ranked[:count]):
+            finite = sum(np.isfinite(s.score) for s in scores)
+            raise PassError(
+                f"drop: only {finite} of {len(units)} units have a finite {o.metric} score on the "
+                f"calibration inputs (their activations are not finite); cannot remove {count}"
+            )
         return [s.unit for s in ranked[:count]], scores
 
     def fit_linear(self, graph: Graph, runs: list[list[DepthUnit]]) -> list[Value]:

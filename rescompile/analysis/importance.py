@@ -364,32 +364,67 @@ def combined_bypass(units: Iterable[DepthUnit]) -> dict[Value, Value]:
 
 
 def _output_changes(
-    candidates: Sequence[DepthUnit], removed: Sequence[DepthUnit], probe: Probe, outputs: Sequence[Value]
+    candidates: Sequence[DepthUnit],
+    removed: Sequence[DepthUnit],
+    probe: Probe,
+    outputs: Sequence[Value],
+    reference: Sequence[np.ndarray] | None = None,
 ) -> list[float]:
-    """Relative L2 change of the outputs with `removed` plus each candidate switched off."""
-    reference = [np.concatenate([a.ravel() for a in arrays]) for arrays in probe(list(outputs))]
+    """Relative L2 change of the outputs with `removed` plus each candidate switched off.
+
+    Only the output elements the model itself computes finitely count (`reference`: its flat
+    outputs per batch, else probed here): an eps-0 norm of an all-zero row is NaN before any
+    removal, says nothing about a unit, and would make every change NaN (and `argmin` pick the
+    first unit). A removal that makes one of the counted elements non-finite changes them
+    without bound: inf, as is every change when no element counts (nothing to measure)."""
+    if reference is None:
+        reference = _flat_outputs(probe, outputs)
+    masks = [np.isfinite(ref) for ref in reference]
+    if not any(mask.any() for mask in masks):
+        return [float("inf")] * len(candidates)
+    kept = [ref[mask].astype(np.float64) for ref, mask in zip(reference, masks)]
+    den = sum(float(np.sum(ref**2)) for ref in kept)
     changes = []
     for unit in candidates:
         bypass = combined_bypass([*removed, unit])
-        num = den = 0.0
-        for ref, arrays in zip(reference, probe(list(outputs), bypass=bypass)):
-            got = np.concatenate([a.ravel() for a in arrays])
-            num += float(np.sum((got.astype(np.float64) - ref) ** 2))
-            den += float(np.sum(ref.astype(np.float64) ** 2))
+        num = 0.0
+        for ref, mask, got in zip(kept, masks, _flat_outputs(probe, outputs, bypass)):
+            got = got[mask].astype(np.float64)
+            if not np.isfinite(got).all():
+                num = float("inf")
+                break
+            num += float(np.sum((got - ref) ** 2))
         changes.append(float(np.sqrt(num / max(den, 1e-30))))
     return changes
+
+
+def _flat_outputs(
+    probe: Probe, outputs: Sequence[Value], bypass: Mapping[Value, Value] | None = None
+) -> list[np.ndarray]:
+    """Per batch, every output's elements in one flat array."""
+    return [np.concatenate([a.ravel() for a in arrays]) for arrays in probe(list(outputs), bypass=bypass)]
 
 
 def greedy_order(
     units: Sequence[DepthUnit], count: int, probe: Probe, outputs: Sequence[Value], *, progress=None
 ) -> list[UnitScore]:
     """Pick `count` units one at a time, each the one whose removal (with the earlier picks)
-    changes the outputs least; returns the picks with the change after each."""
+    changes the outputs least; returns the picks with the change after each. Raises ValueError
+    (with the reason) when no pick has a finite change: the model's outputs are nowhere finite
+    on the calibration inputs, or every removal left makes finite outputs non-finite."""
+    reference = _flat_outputs(probe, outputs)
+    if not any(np.isfinite(ref).any() for ref in reference):
+        raise ValueError("the model's outputs are not finite anywhere on the calibration inputs")
     removed: list[UnitScore] = []
     left = list(units)
     for _ in range(count):
-        changes = _output_changes(left, [s.unit for s in removed], probe, outputs)
+        changes = _output_changes(left, [s.unit for s in removed], probe, outputs, reference)
         best = int(np.argmin(changes))
+        if not np.isfinite(changes[best]):
+            raise ValueError(
+                f"removing any of the {len(left)} units left{' after the earlier picks' if removed else ''} "
+                "makes outputs that the model computes finitely on the calibration inputs non-finite"
+            )
         removed.append(UnitScore(left.pop(best), changes[best]))
         if progress is not None:
             progress()
