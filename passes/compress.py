@@ -182,17 +182,12 @@ class CompressPass(PassBase):
                 f"{1 - (start - goal) / scope:.0%}, output change {lost:.4f}"
             )
             candidates = self._candidates(graph, objective, outputs, cost, current, need, width)
-            scored = [
-                (max(c.change - lost, 0.0) / min(c.saved, need), -c.saved, i, c)
-                for i, c in enumerate(candidates)
-                if c.saved > 0
-            ]
-            if not scored:
+            best = _best(candidates, lost, need)
+            if best is None:
                 raise PassError(
                     f"compress: cannot reach {1 - (start - goal) / scope:.0%} of the {what}: "
                     f"no action saves more (reached {left:.0%})"
                 )
-            best = min(scored)[-1]
             best.apply()
             current = cost()
             lost = objective(self.probe(graph)(outputs))  # measured again on the rewritten graph
@@ -412,6 +407,25 @@ def _block_params(graph: Graph, units: Sequence[DepthUnit]) -> int:
         finally:
             snapshot.restore()
     return total
+
+
+# Scores this close are one score: ONNX Runtime and torch round the outputs differently, so a
+# tie in the output change (quantised, e.g. a sign flip of a 1-element output row is 2 / rows)
+# would otherwise go one way in one frontend and the other way in the other (a fuzz finding).
+_NOISE = 1e-4  # relative to the best score
+_FLOOR = 1e-6  # output change: float32 rounding of the outputs, far below any real difference
+
+
+def _best(candidates: Sequence[_Candidate], lost: float, need: float) -> _Candidate | None:
+    """The action with the least added output change per parameter (or second) it saves up to
+    `need` (savings past the target earn nothing); scores within float noise of the least tie,
+    and a tie goes to the larger saving, then to the earlier candidate. None if nothing saves."""
+    scored = [(max(c.change - lost, 0.0) / min(c.saved, need), c) for c in candidates if c.saved > 0]
+    if not scored:
+        return None
+    least = min(score for score, _ in scored)
+    near = [c for score, c in scored if score <= least * (1 + _NOISE) + _FLOOR / min(c.saved, need)]
+    return max(near, key=lambda c: c.saved)  # the first of equal savings
 
 
 def _uniform_saving(groups, ratio: float) -> float:
