@@ -32,6 +32,7 @@ from rescompile.frontends._onnx_export import export_model
 from rescompile.frontends._onnx_write import write_model
 from rescompile.frontends._staging import staging_dir
 from rescompile.ir import CONST, PARAM, Graph, Node, Value
+from rescompile.ir.shapes import infer_shapes
 
 __all__ = ["OnnxSource", "load_onnx", "import_model", "export_model", "save_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -245,6 +246,10 @@ def import_model(model: ir.Model, *, path: str | None = None, owned: bool = Fals
                 out.meta["onnx.absent"] = True
             vmap[o] = out
     graph.set_outputs(vmap[v] for v in src_graph.outputs)
+    # NOTE: ONNX inference leaves sizes that the graph computes from a shape unknown (the legacy
+    # exporter's chunk: Slice bounds from Shape -> Gather -> Add -> Div -> Mul); rescompile's own
+    # evaluates those chains. It only fills what is unknown and never replaces a known size.
+    infer_shapes(graph)
     for value in graph.initializers.values():
         if value.role == PARAM and _is_additive_mask(value):
             value.role = CONST

@@ -438,7 +438,10 @@ class Call:
         return attrs
 
     def ints(self, name: str) -> list[int] | None:
-        """An integer (list) argument given as a constant: Python values or a constant input."""
+        """An integer (list) argument whose every entry is known: Python values, a constant input,
+        or an ONNX input the graph computes from static sizes (the legacy exporter's chunk slices
+        at Mul(Div(Add(Gather(Shape(x), axis), 1), 2), k)); None where an entry is a symbol or
+        unknown."""
         value = self.arg(name)
         if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
             value = value[0]  # x.view((2, 3)) as well as x.view(2, 3)
@@ -449,7 +452,16 @@ class Call:
         if isinstance(value, (list, tuple)):
             return [int(v) for v in value] if all(isinstance(v, int) for v in value) else None
         array = _constant_array(value)
-        return None if array is None else [int(v) for v in array.reshape(-1)]
+        if array is not None:
+            return [int(v) for v in array.reshape(-1)]
+        if self.is_torch:
+            # NOTE: torch frontends give static sizes as Python ints already, and a pass can
+            # rewrite only those (`replace_ints` leaves a computed entry as it is), so a computed
+            # torch argument stays unknown.
+            return None
+        from rescompile.ir.shapes import static_ints  # shapes imports this module
+
+        return static_ints(value)
 
 
 def _is_int(obj: Any) -> bool:

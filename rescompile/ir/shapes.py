@@ -37,7 +37,7 @@ from rescompile.ir.ops import (
     call_of,
 )
 
-__all__ = ["Conflict", "ShapeReport", "infer_shapes"]
+__all__ = ["Conflict", "ShapeReport", "infer_shapes", "static_ints"]
 
 Dim = int | str | None
 Shape = tuple | None
@@ -221,6 +221,14 @@ class _Context:
     def ints(self, value: Any) -> list[int] | None:
         found = self.elements(value)
         return None if found is None or not all(isinstance(d, int) for d in found) else list(found)
+
+
+def static_ints(value: Any) -> list[int] | None:
+    """The elements of a small integer value computed in the graph (ONNX Shape -> Gather -> Add ->
+    Div chains, torch `sym_size` arithmetic), when every one is a known int; None where any is a
+    symbol or unknown. The op table reads integer arguments through this (`Call.ints`), so that a
+    slice bound the legacy exporter computes from a static shape is as good as a constant."""
+    return _Context().ints(value)
 
 
 def _elements(value: Any, context: _Context) -> tuple | None:
