@@ -18,7 +18,8 @@ Properties, each named (a failure says `[property] ...`, and tools/fuzz.py count
 - grad-mode: applying passes leaves torch's grad mode as it was (a pass that runs the model on
   calibration batches under torch.no_grad must not leave it off for the user's training).
 - parity: both frontends refuse alike, report the same stats, and find the same sites
-  (count, kind, stream, depth) after the rewrite.
+  (count, kind, stream, depth) after the rewrite; the two rewritten models agree (at 10x the
+  tolerance where a pass fits weights by least squares on measured activations: FITTED_TOLERANCE).
 
 Budget: RESCOMPILE_FUZZ_EXAMPLES examples in all (default 200, split over the tests below), with
 the derandomized profile "rescompile-ci" (the same examples every run) unless the variable is
@@ -51,7 +52,7 @@ from rescompile.frontends.torch import export_module
 from rescompile.ir import verify
 from rescompile.passes import PASSES
 from rescompile.pipeline import _export
-from rescompile.validation import assert_close, run_onnx
+from rescompile.validation import DEFAULT_TOLERANCE, Tolerance, assert_close, run_onnx
 
 # ----- budget and profiles ---------------------------------------------------------------------
 EXAMPLES = int(os.environ.get("RESCOMPILE_FUZZ_EXAMPLES", "200"))
@@ -445,6 +446,21 @@ def check_torch_path(program: Program, specs: list[str], preserving: bool) -> Ou
     return Outcome(stats=_stats_shape(result), sites=_sites4(graph), outputs=got)
 
 
+# The two rewritten models of a pass that solves least squares on measured activations (prune's
+# ridge refit, drop's linear replacement, compress, which uses both) compare at 10x the project's
+# tolerance: ONNX Runtime's and torch's float32 activations differ at ~1e-7, and each solve
+# multiplies that by its condition number (a ridge of 1e-6 wins on near-exact fits), round after
+# round. The choices themselves (units, ridges, blocks) are compared exactly, in the stats. A
+# fuzz finding: 7 rounds of ridge 1e-6 fits, outputs 1.4e-5 of max|out| apart (1.2x the tolerance).
+FITTED_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
+
+
+def _fits_weights(specs: list[str], stats) -> bool:
+    text = repr(stats)
+    refit = "'ridge " in text or "'linear_fits': [{" in text
+    return refit or any(s.startswith("compress") and not re.search(r"refit=(none|bias)", s) for s in specs)
+
+
 def check_pass(program: Program, specs: list[str]) -> None:
     """Every property of one pass pipeline on one generated model, in both frontends."""
     passes = build_passes(specs)
@@ -467,8 +483,9 @@ def check_pass(program: Program, specs: list[str]) -> None:
         )
         # The same choices (units pruned, blocks dropped, sites rewritten) give the same
         # function: the two rewritten models agree on the same inputs.
+        tolerance = FITTED_TOLERANCE if _fits_weights(specs, onnx_out.stats) else DEFAULT_TOLERANCE
         for i, (o, t) in enumerate(zip(onnx_out.outputs or (), torch_out.outputs or ())):
-            assert_close(t, o, name=f"rewritten output[{i}], torch vs onnx")
+            assert_close(t, o, tolerance, name=f"rewritten output[{i}], torch vs onnx")
     if onnx_out.refused is not None:
         STATS[key]["refused"] += 1
         STATS[key]["why: " + re.sub(r"\b(res|add_?)\d+\b|\d+", "N", onnx_out.refused)[:120]] += 1

@@ -313,3 +313,36 @@ def test_regression_rk2_layer_that_ends_the_model(method):
         got = rewritten(x)
         got = got[0] if isinstance(got, (tuple, list)) else got
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_regression_refit_parity_is_float_noise_of_the_solves():
+    """From ['prune:uniform=false,target=mlp|stream,importance=random'] on two token chains (post-norm
+    RMSNorm GLU, matmul, MLP; pre/post-norm matmul, cat, MLP; eps 0; summed). Both frontends chose
+    the same units and ridges (4 readers took ridge 1e-6) over 7 refit rounds, and their rewritten
+    outputs were 1.4e-5 of max|out| apart, 1.2x the project's tolerance: each near-unregularised
+    solve multiplies the runtimes' ~1e-7 float32 differences by its condition number. Parity
+    compares such outputs at FITTED_TOLERANCE (10x); refit=none stays within the default. The
+    generator could not shrink the example in five minutes, so the drawn program is kept as it
+    was drawn (tests/data/fuzz_prune_refit_noise.pkl, fuzzgen.Program)."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+    from test_fuzz import FITTED_TOLERANCE
+
+    from rescompile.validation import DEFAULT_TOLERANCE, diff
+
+    program = pickle.loads((Path(__file__).parent / "data" / "fuzz_prune_refit_noise.pkl").read_bytes())
+    spec = ["prune:uniform=false,target=mlp|stream,importance=random"]
+    check_pass(program, spec)  # every property, parity at FITTED_TOLERANCE
+
+    def ratio(specs, tolerance):
+        a, b = check_onnx_path(program, specs, False), check_torch_path(program, specs, False)
+        assert a.stats == b.stats
+        return max(
+            diff("y", np.asarray(t), np.asarray(o), tolerance.atol, tolerance.rtol).ratio
+            for o, t in zip(a.outputs, b.outputs)
+        )
+
+    assert 1.0 < ratio(spec, DEFAULT_TOLERANCE) and ratio(spec, FITTED_TOLERANCE) < 0.5
+    assert ratio([spec[0] + ",refit=none"], DEFAULT_TOLERANCE) < 0.5  # no solve: no amplification
