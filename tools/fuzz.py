@@ -75,19 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from test_fuzz import KNOWN_PASSES
+    from test_fuzz import KNOWN_PASSES, SHARES
 
     from rescompile.passes import PASSES
 
     skipped = sorted(set(PASSES) - set(KNOWN_PASSES))
     keys = ["detect"] + [p for p in sorted(PASSES) if p in KNOWN_PASSES]
+    everything = keys
     if args.passes:
         keys = [k for k in keys if k in args.passes.split(",")]
+        if not keys:
+            parser.error(f"--passes {args.passes}: no such fuzz test (tests: {', '.join(everything)})")
+
+    def share(key: str) -> float:  # as test_fuzz._settings splits the budget
+        return 2 if key == "detect" else SHARES.get(key, 1)
+
+    # test_fuzz gives each test its share of RESCOMPILE_FUZZ_EXAMPLES over every test; a subset
+    # gets the whole budget: the variable is scaled up by the shares left out.
+    budget = round(args.examples * sum(map(share, everything)) / sum(map(share, keys)))
     start = time.perf_counter()
     results = []
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = [pool.submit(_worker, key, args.examples, args.profile) for key in keys]
+        futures = [pool.submit(_worker, key, budget, args.profile) for key in keys]
         for future in concurrent.futures.as_completed(futures):
             key, stats, failures, seconds = future.result()
             print(
