@@ -123,3 +123,27 @@ def test_drop_refuses_in_one_line_when_nothing_finite_is_left():
     with pytest.raises(RescompileError, match="not finite anywhere") as info:
         run_passes(graph, passes)
     assert "\n" not in str(info.value) and [n.name for n in graph] == nodes
+
+
+def _blocks_then_relu_rmsnorm(style: str = "module") -> Program:
+    """Two MLP blocks without norms, then ReLU and an RMSNorm (eps 0): the last add is post-norm
+    through the ReLU, N(relu(x + F x)). ONNX writes RMSNorm out; torch has one rms_norm node."""
+    b = Builder(seed=4, symbolic_batch=False)
+    x = b.input("tokens0", (2, 1, 4))
+    b.new_stream()
+    for _ in range(2):
+        branch = b.linear(b.act(b.linear(x, 8), "relu"), 4)
+        x = b.residual(x, branch, "identity", pre=False, skip_first=False)
+    return b.finish([b.rmsnorm(b.act(x, "relu"), 0.0, style)])
+
+
+@pytest.mark.parametrize("spec", ["drop:sites=depth:1-,metric=bi", "drop:sites=all,replace=linear"])
+def test_regression_a_post_norm_block_behind_an_activation_ends_alike(spec):
+    """From ['drop:sites=depth:1-,metric=bi,replace=identity'] and ['drop:sites=all,replace=linear']
+    on tied-MLP chains whose last block is post-norm through a ReLU: ONNX's written-out RMSNorm
+    took the ReLU in and ended the block after the norm, torch's block ended at the add (its one
+    norm node is behind the ReLU), so dropping it bypassed ReLU and norm in ONNX only (outputs 0.30
+    apart). `_after_post_norm` now steps through a parameter-free activation too."""
+    program = _blocks_then_relu_rmsnorm()
+    assert [s.norm for s in program.sites] == ["none", "post"]  # the premise
+    check_pass(program, [spec])

@@ -26,6 +26,7 @@ import numpy as np
 
 from rescompile.analysis.residuals import ResidualAnalysis, ResidualSite
 from rescompile.ir import Node, OpKind, Value
+from rescompile.ir._graphview import data_inputs
 from rescompile.ir.ops import Contract, axis_map
 
 __all__ = [
@@ -163,15 +164,21 @@ def _after_post_norm(site: ResidualSite) -> Value:
     """The normed value a post-norm site's stream continues with (out -> norm(out)): after one
     norm node (torch's rms_norm, ONNX's LayerNormalization) or a norm written out in elementwise
     ops and a reduction (ONNX's RMSNorm), so that both frontends end the block at the same place."""
-    value = site.output
+    value = plain = site.output  # plain: reached through casts and identities only
     while len(value.consumers()) == 1 and not value.is_graph_output:
         node = value.consumers()[0]
-        if node.kind not in (OpKind.NORM, OpKind.CAST, OpKind.IDENTITY) or len(node.outputs) != 1:
+        # A parameter-free activation before the norm (`N(relu(x + F x))`) is on the way, as
+        # detection's post-norm mark has it: ONNX's written-out norm takes it in as well, so
+        # torch's one norm node must end the block after it too (a fuzz finding).
+        unary = node.kind is OpKind.ACTIVATION and len(data_inputs(node)) == 1
+        if not (unary or node.kind in (OpKind.NORM, OpKind.CAST, OpKind.IDENTITY)) or len(node.outputs) != 1:
             break
         value = node.outputs[0]
         if node.kind is OpKind.NORM:
             return value
-    return _written_out_norm_end(value) or value
+        if plain is node.inputs[0] and not unary:
+            plain = value
+    return _written_out_norm_end(value) or _written_out_norm_end(plain) or plain
 
 
 _NORM_PARTS = frozenset(
