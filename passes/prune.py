@@ -60,7 +60,8 @@ from rescompile.frontends.probe import attention_mask, prepare
 from rescompile.infra import PassBase, PassError, PassResult
 from rescompile.ir import CONST, Graph, Node, Role, Value
 from rescompile.ir._transaction import GraphSnapshot
-from rescompile.ir.ops import call_of, is_pure
+from rescompile.ir.ops import call_of
+from rescompile.ir.regions import sweep
 from rescompile.ir.shapes import infer_shapes
 
 from ._branch import insert_op, numpy_of
@@ -1073,22 +1074,4 @@ def _edit(graph: Graph, node: Node, name: str, edit: Callable[[int, int, int], i
         Value(f"{source.name}.pruned", dtype=str(array.dtype), shape=array.shape, payload=array, role=CONST)
     )
     node.replace_input_with(index, const)
-    _remove_unused(graph, source)
-
-
-def _remove_unused(graph: Graph, value: Value) -> None:
-    """Remove `value` when nothing reads it any more, and what computed it: a replaced bound of the
-    legacy exporter's chunk leaves its whole Shape -> Gather -> Add -> Div -> Mul chain unread."""
-    stack = [value]
-    while stack:
-        value = stack.pop()
-        if value.uses() or value.is_graph_output:
-            continue
-        node = value.producer
-        if node is None:
-            if value.is_initializer:
-                graph.remove_initializer(value)
-            continue
-        if is_pure(node) and all(not o.uses() and not o.is_graph_output for o in node.outputs):
-            graph.remove(node)
-            stack.extend(v for v in node.inputs if v is not None)
+    sweep(graph, [source])  # with the chain that computed it (the legacy exporter's chunk bounds)

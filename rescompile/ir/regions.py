@@ -26,7 +26,7 @@ from rescompile.ir._core import PARAM, Graph, IRError, Node, Value
 from rescompile.ir._graphview import data_inputs
 from rescompile.ir.ops import is_pure
 
-__all__ = ["Region", "clone", "remove", "remove_branch", "replace_entry"]
+__all__ = ["Region", "clone", "remove", "remove_branch", "replace_entry", "sweep"]
 
 
 class Region:
@@ -365,11 +365,11 @@ def remove(region: Region, *, replace: Mapping[Value, Value] | None = None) -> N
         for i in positions:
             outputs[i] = identity.output
         graph.set_outputs(outputs)
-    _sweep(graph, read)
+    sweep(graph, read)
 
 
-def _sweep(graph: Graph, values: Iterable[Value]) -> None:
-    """Remove what defined `values` once nothing reads it, recursively."""
+def sweep(graph: Graph, values: Iterable[Value]) -> None:
+    """Remove what defined `values` once nothing reads it, recursively (pure nodes, initializers)."""
     stack = list(values)
     while stack:
         value = stack.pop()
