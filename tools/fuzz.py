@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from test_fuzz import KNOWN_PASSES, SHARES
+    from test_fuzz import KNOWN_PASSES, share
 
     from rescompile.passes import PASSES
 
@@ -86,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k for k in keys if k in args.passes.split(",")]
         if not keys:
             parser.error(f"--passes {args.passes}: no such fuzz test (tests: {', '.join(everything)})")
-
-    def share(key: str) -> float:  # as test_fuzz._settings splits the budget
-        return 2 if key == "detect" else SHARES.get(key, 1)
 
     # test_fuzz gives each test its share of RESCOMPILE_FUZZ_EXAMPLES over every test; a subset
     # gets the whole budget: the variable is scaled up by the shares left out.
