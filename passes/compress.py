@@ -1,21 +1,27 @@
 """compress: one planner over depth and width, to a parameter or latency budget.
 
 Width pruning (`prune`) and depth pruning (`drop`) trade quality for size at different rates on
-different models; the planner picks, step by step, whichever action costs the least calibration
-output change per parameter (or per second of measured latency) it saves, until the target is
-met: drop the one block whose removal changes the outputs least (SLEB's criterion, Song et al.
-2024, arXiv 2402.09025), or prune `step` more of one kind of width (MLP neurons, attention heads,
-conv channels) uniformly, the same fraction in every layer, as NVIDIA's Minitron does so that a
-config describes the result.
+different models. A plan is a sequence of actions: drop the one block whose removal changes the
+outputs least (SLEB's criterion, Song et al. 2024, arXiv 2402.09025), or prune `step` more of one
+kind of width (MLP neurons, attention heads, conv channels) uniformly, the same fraction in every
+layer, as NVIDIA's Minitron does so that a config describes the result. Each step takes the
+action that costs the least calibration output change per parameter (or second of measured
+latency) it saves, until the target is met.
+
+Step by step alone, a whole block seldom wins: the first width steps are cheap and a block saves
+more than a step needs, while the later width steps cost more and more. So by default
+(`search=plans`) the planner makes one plan per number of blocks dropped, k = 0, 1, ..., the k
+drops first and then width only, and keeps the plan that changes the outputs least
+(`search=greedy`: one plan choosing any action each step).
 
 The output change is always measured against the ORIGINAL model's outputs on the calibration
-batches (computed once), relative L2 over every output, padding tokens of batches with an
-`attention_mask` left out: a step is charged what it adds to the total drift, not its change
-relative to the already-compressed model. Savings past the target earn nothing, so the last step
-is not a block that overshoots when a little width would do. Drop candidates are measured by the
-probe's bypass (no rewrite, no re-export of a changed graph); prune candidates are applied,
-measured and rolled back. The plan (which blocks, which widths, predicted versus measured size or
-latency after each step) is logged, reported as progress and returned in the stats.
+batches (computed once), padding tokens of batches with an `attention_mask` left out: a step is
+charged what it adds to the total drift, not its change relative to the already-compressed
+model. Savings past the target earn nothing, so the last step is not a block that overshoots when
+a little width would do. Drop candidates are measured by the probe's bypass (no rewrite, no
+re-export of a changed graph); prune candidates are applied, measured and rolled back. The plan
+(which blocks, which widths, predicted versus measured size or latency after each step) is
+logged, reported as progress and returned in the stats, with the plans the search compared.
 """
 
 from __future__ import annotations
@@ -118,7 +124,19 @@ class CompressPass(PassBase):
                 "vector: each token's hidden state, logits) or l2 (relative L2 over all outputs)",
             },
         )
-        max_steps: int = dataclasses.field(default=50, metadata={"help": "stop after this many actions"})
+        search: str = dataclasses.field(
+            default="plans",
+            metadata={
+                "choices": ("plans", "greedy"),
+                "help": "plans: one plan per number of blocks dropped (0, 1, ...; the drops first, "
+                "then width), the one that changes the outputs least wins; greedy: one run choosing "
+                "any action each step (a whole-block drop seldom beats the first cheap width steps, "
+                "even where a mix is better)",
+            },
+        )
+        max_steps: int = dataclasses.field(
+            default=50, metadata={"help": "stop after this many actions (per plan)"}
+        )
 
     def check_options(self) -> None:
         o = self.options
@@ -162,7 +180,7 @@ class CompressPass(PassBase):
         def cost() -> float:
             return _latency(self.probe(graph), outputs) if by_latency else float(count_params(graph))
 
-        start = current = cost()
+        start = cost()
         blocks = float(_block_params(graph, units)) if not by_latency else 0.0
         if by_latency:
             scope, what = start, "latency"
@@ -172,58 +190,140 @@ class CompressPass(PassBase):
             goal = start - (1.0 - o.params) * scope
         if scope <= 0:
             raise PassError("compress: the model's residual blocks hold no parameters to remove")
-        width = dict.fromkeys(kinds, 1.0)  # fraction of each kind's original width left
-        lost, plan, began = 0.0, [], time.perf_counter()
-        while current > goal * (1 + 1e-9) and len(plan) < o.max_steps:
-            need = current - goal
-            left = 1 - (start - current) / scope
-            self.report(
-                f"step {len(plan) + 1}: {left:.1%} of the {what} left, target "
-                f"{1 - (start - goal) / scope:.0%}, output change {lost:.4f}"
+        budget = _Budget(start, goal, scope, what)
+        began = time.perf_counter()
+        if o.search == "greedy":
+            run = self._plan(graph, objective, outputs, cost, kinds, budget, drops=None)
+            if run.refused:
+                raise PassError(run.refused)
+            tried: list[_Plan] = [run]
+        else:
+            run, tried = self._search(graph, objective, outputs, cost, kinds, budget, len(_droppable(units)))
+        self.report(f"done: {len(run.steps)} steps, output change {run.lost:.4f}")
+        stats = {
+            "steps": len(run.steps),
+            "of": what,
+            "left": round(budget.left(run.current), 4),
+            "left_of_model": round(run.current / start, 4),
+            "output_change": round(run.lost, 6),
+            "refit": self._refit,
+            "seconds": round(time.perf_counter() - began, 1),
+            "plan": run.steps,
+        }
+        if o.search == "plans":
+            stats["plans"] = [
+                {"drops": p.drops, "actions": [step["action"] for step in p.steps]}
+                | (
+                    {"refused": p.refused}
+                    if p.refused
+                    else {"left": round(budget.left(p.current), 4), "output_change": round(p.lost, 6)}
+                )
+                for p in tried
+            ]
+        return PassResult(graph, modified=bool(run.steps), stats=stats)
+
+    def _search(self, graph, objective, outputs, cost, kinds, budget, droppable):
+        """One plan per number of blocks dropped, k = 0, 1, ...: the k drops first (each the block
+        whose removal changes the outputs least; plan k goes on from plan k - 1's drops), then
+        width only. Stops at the first k whose drops alone meet the budget (more would only
+        overshoot). Returns the plan with the least output change (float-noise ties: the smaller
+        result) and every plan tried, the graph left as that plan rewrote it."""
+        original = GraphSnapshot.take(graph)
+        tried: list[_Plan] = []
+        most = min(droppable, self.options.max_steps)
+        drops: _Drops | None = _Drops(original, [], 0.0)  # what the next plan goes on from
+        for k in range(most + 1):
+            self.report(f"plan {k + 1} of at most {most + 1}: {k} block(s) dropped, then width")
+            try:
+                plan = self._plan(graph, objective, outputs, cost, kinds, budget, drops=k, begun=drops)
+                if not plan.refused:
+                    plan.done = GraphSnapshot.take(graph)
+            finally:
+                original.restore()
+            tried.append(plan)
+            logger.info(
+                "compress: plan with %d drop(s): %s", k, plan.refused or f"output change {plan.lost:.4f}"
             )
-            candidates = self._candidates(graph, objective, outputs, cost, current, need, width)
+            drops = plan.drops_done
+            if drops is None:  # no block left to drop, or max_steps spent on drops
+                break
+            if plan.drops == len(plan.steps) and plan.current <= budget.goal * (1 + 1e-9):
+                break  # the drops alone met the budget: more would only overshoot
+        done = [p for p in tried if not p.refused]
+        if not done:
+            raise PassError(tried[0].refused)
+        reached = [p for p in done if p.current <= budget.goal * (1 + 1e-9)]
+        if not reached:  # max_steps stopped every plan short: the one that came closest
+            best = min(done, key=lambda p: (p.current, p.lost))
+        else:
+            least = min(p.lost for p in reached)
+            near = [p for p in reached if p.lost <= least * (1 + _NOISE) + _FLOOR]
+            best = min(near, key=lambda p: p.current)  # the first of equal sizes
+        best.done.restore()
+        return best, tried
+
+    def _plan(self, graph, objective, outputs, cost, kinds, budget, drops: int | None, begun=None) -> _Plan:
+        """Step until the budget is met (or max_steps): with `drops=None` any action each step
+        (the least output change per saving); with `drops=k`, going on from `begun` (the graph
+        after the plan with k - 1's drops), one more drop, then width actions only. A plan that
+        cannot go on is returned with the reason in `refused`."""
+        o = self.options
+        width = dict.fromkeys(kinds, 1.0)  # fraction of each kind's original width left
+        lost, steps = 0.0, []
+        if begun is not None:
+            begun.snapshot.restore()
+            lost, steps = begun.lost, list(begun.steps)
+        current, dropped, drops_done = cost(), len(steps), None
+        if drops is not None and dropped == drops:
+            drops_done = _Drops(GraphSnapshot.take(graph), list(steps), lost)
+        goal = budget.goal
+        while current > goal * (1 + 1e-9) and len(steps) < o.max_steps:
+            need = current - goal
+            self.report(
+                f"step {len(steps) + 1}: {budget.left(current):.1%} of the {budget.what} left, target "
+                f"{budget.left(goal):.0%}, output change {lost:.4f}"
+            )
+            allowed = {"drop", "width"} if drops is None else {"drop" if dropped < drops else "width"}
+            candidates = self._candidates(graph, objective, outputs, cost, current, need, width, allowed)
             best = _best(candidates, lost, need)
             if best is None:
-                raise PassError(
-                    f"compress: cannot reach {1 - (start - goal) / scope:.0%} of the {what}: "
-                    f"no action saves more (reached {left:.0%})"
+                what = {"drop": "no block left to drop", "width": "no width action saves more"}
+                why = "no action saves more" if drops is None else what[allowed.pop()]
+                return _Plan(
+                    dropped,
+                    steps,
+                    float("inf"),
+                    float("inf"),
+                    drops_done=drops_done,
+                    refused=f"compress: cannot reach {budget.left(goal):.0%} of the {budget.what}: "
+                    f"{why} (reached {budget.left(current):.0%})",
                 )
             best.apply()
             current = cost()
             lost = objective(self.probe(graph)(outputs))  # measured again on the rewritten graph
-            if best.kind in width:
-                width[best.kind] -= best.fraction
-            plan.append(
+            steps.append(
                 {
                     "action": best.name,
                     "predicted_change": round(best.change, 6),
                     "output_change": round(lost, 6),
-                    "predicted": round(1 - (start - best.after) / scope, 4),
-                    "measured": round(1 - (start - current) / scope, 4),
+                    "predicted": round(budget.left(best.after), 4),
+                    "measured": round(budget.left(current), 4),
                 }
             )
+            if best.kind in width:
+                width[best.kind] -= best.fraction
+            else:
+                dropped += 1
+                if dropped == drops:
+                    drops_done = _Drops(GraphSnapshot.take(graph), list(steps), lost)
             logger.info(
                 "compress: %s -> %.1f%% of the %s left, output change %.4f",
                 best.name,
-                100 * (1 - (start - current) / scope),
-                what,
+                100 * budget.left(current),
+                budget.what,
                 lost,
             )
-        self.report(f"done: {len(plan)} steps, output change {lost:.4f}")
-        return PassResult(
-            graph,
-            modified=bool(plan),
-            stats={
-                "steps": len(plan),
-                "of": what,
-                "left": round(1 - (start - current) / scope, 4),
-                "left_of_model": round(current / start, 4),
-                "output_change": round(lost, 6),
-                "refit": self._refit,
-                "seconds": round(time.perf_counter() - began, 1),
-                "plan": plan,
-            },
-        )
+        return _Plan(dropped, steps, lost, current, drops_done=drops_done)
 
     # ----- candidates ---------------------------------------------------------------------
     def _kinds(self, graph: Graph) -> list[str]:
@@ -232,11 +332,14 @@ class CompressPass(PassBase):
         have = {g.kind for g in find_groups(graph).groups if g.prunable}
         return [k for k in wanted if k in have]
 
-    def _candidates(self, graph, objective, outputs, cost, current, need, width) -> list[_Candidate]:
-        """Every action of this step, measured: cost after it and output change against the original."""
+    def _candidates(self, graph, objective, outputs, cost, current, need, width, allowed) -> list[_Candidate]:
+        """Every `allowed` action ("drop", "width") of this step, measured: cost after it and output
+        change against the original."""
         found: list[_Candidate] = []
         units = depth_units(self.residuals(graph), "block")
-        droppable = _droppable(units)
+        droppable = _droppable(units) if "drop" in allowed else []
+        if "width" not in allowed:
+            width = {}
         for number, unit in enumerate(droppable):
             self.report(f"  trying drop {unit.name} ({number + 1}/{len(droppable)})")
             found.extend(self._drop(graph, unit, objective, outputs, cost, current))
@@ -323,6 +426,42 @@ class CompressPass(PassBase):
         finally:
             snapshot.restore()
         yield _Candidate(name, kind, fraction, current - after, after, change, done.restore)
+
+
+@dataclasses.dataclass
+class _Budget:
+    """The cost (parameters or seconds) at the start, the goal, and the scope the fractions in
+    reports are of (the block parameters, the model's, or its latency)."""
+
+    start: float
+    goal: float
+    scope: float
+    what: str
+
+    def left(self, cost: float) -> float:
+        """The fraction of the scope a cost leaves."""
+        return 1 - (self.start - cost) / self.scope
+
+
+@dataclasses.dataclass
+class _Plan:
+    drops: int  # blocks dropped
+    steps: list[dict]
+    lost: float  # output change against the original
+    current: float  # cost after the plan
+    done: GraphSnapshot | None = None  # the graph as the plan left it
+    drops_done: _Drops | None = None  # the graph after its drops (None: they were not all made)
+    refused: str = ""  # why the plan could not be made
+
+
+@dataclasses.dataclass
+class _Drops:
+    """The graph after a plan's drops, with their steps and output change: where the plan with
+    one more drop begins."""
+
+    snapshot: GraphSnapshot
+    steps: list[dict]
+    lost: float
 
 
 @dataclasses.dataclass

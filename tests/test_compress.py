@@ -6,6 +6,8 @@ changes recomputed from the original and the compressed modules on the calibrati
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -216,3 +218,81 @@ def test_a_post_norm_block_that_ends_the_model_owns_its_norm_gain():
     assert len(units) == 2
     # each block: its linear (16 + 4) and its norm's gain (4), counted on the module
     assert _block_params(graph, units) == count(module) == 2 * (16 + 4 + 4)
+
+
+def without_blocks(module, removed: set[int]):
+    """The reference for a drops-only plan: a copy of the GPT-2 with those blocks deleted."""
+    import copy
+
+    reduced = copy.deepcopy(module)
+    reduced.h = torch.nn.ModuleList(b for i, b in enumerate(reduced.h) if i not in removed)
+    reduced.config.n_layer = len(reduced.h)
+    return reduced
+
+
+def test_plans_search_one_plan_per_number_of_drops_and_keep_the_least_change():
+    """search=plans makes the plan with 0, 1, 2 blocks dropped (2 of 4 meet 0.7 alone: the search
+    stops there) and keeps the one with the least output change; each plan's reported change is
+    checked against a reference built without the pass where one exists (the drops-only plan:
+    the model with those blocks deleted; the chosen plan: the returned module)."""
+    case = gpt2(layers=4)
+    batches = padded_batches()
+    result = compile_model(
+        case.module,
+        ["compress:params=0.7,importance=l2,target=mlp"],
+        example_kwargs=dict(batches[0]),
+        calibration=batches,
+        dynamic=False,
+    )
+    stats = result.result.stats["0:compress"]
+    plans = stats["plans"]
+    assert [p["drops"] for p in plans] == [0, 1, 2], plans
+    assert all(p["left"] <= 0.7 for p in plans)
+    drops_only = plans[2]
+    assert all(a.startswith("drop h.") for a in drops_only["actions"])
+    removed = {int(a.removeprefix("drop h.")) for a in drops_only["actions"]}
+    reference = without_blocks(case.module, removed)
+    assert drops_only["output_change"] == pytest.approx(
+        output_change(case.module, reference, batches, "cosine"), rel=1e-3, abs=1e-6
+    )
+    chosen = output_change(case.module, result.output, batches, "cosine")
+    assert stats["output_change"] == pytest.approx(chosen, rel=1e-3, abs=1e-6)
+    assert chosen <= min(p["output_change"] for p in plans) * (1 + 1e-3)
+    assert [s["action"] for s in stats["plan"]] in [p["actions"] for p in plans]
+
+
+def test_plans_without_width_to_prune_drop_blocks_and_say_why_width_was_refused():
+    """GPT-2 has no conv channels: the width-only plan is refused with its reason, and the chosen
+    plan drops blocks; its module equals the model with those blocks deleted."""
+    case = gpt2(layers=4)
+    batches = padded_batches()
+    result = compile_model(
+        case.module,
+        ["compress:params=0.7,target=channels"],
+        example_kwargs=dict(batches[0]),
+        calibration=batches,
+        dynamic=False,
+    )
+    stats = result.result.stats["0:compress"]
+    assert "no width action saves more" in stats["plans"][0]["refused"], stats["plans"]
+    json.dumps(stats, allow_nan=False)  # the stats are valid JSON (a refused plan has no inf size)
+    removed = {int(s["action"].removeprefix("drop h.")) for s in stats["plan"]}
+    assert len(removed) == 2 and stats["left"] <= 0.7
+    reference = without_blocks(case.module, removed)
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(
+                result.output(**b).last_hidden_state, reference(**b).last_hidden_state, atol=1e-5, rtol=1e-5
+            )
+
+
+def test_greedy_search_makes_one_plan():
+    case = gpt2(layers=3)
+    result = compile_model(
+        case.module,
+        ["compress:params=0.8,importance=l2,search=greedy"],
+        example_kwargs=case.kwargs,
+        dynamic=False,
+    )
+    stats = result.result.stats["0:compress"]
+    assert "plans" not in stats and stats["left"] <= 0.8

@@ -139,6 +139,7 @@ KNOWN_PASSES: dict[str, dict[str, st.SearchStrategy]] = {
         "step": st.sampled_from(("0.1", "0.25", "0.5")),
         "importance": st.sampled_from(("l2", "l1", "activation")),
         "max_steps": st.integers(1, 3).map(str),
+        "search": st.sampled_from(("plans", "greedy")),
     },
     "drop": {
         # n, ratio or sites= (naming the units), one of them (sites with n or ratio is refused)
