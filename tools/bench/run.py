@@ -25,6 +25,7 @@ ORDER = [
     "runtime",
     "hyper",
     "drop",
+    "drop_calibration",
     "prune",
     "prune_models",
     "compress",
