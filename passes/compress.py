@@ -119,9 +119,11 @@ class CompressPass(PassBase):
         distance: str = dataclasses.field(
             default="cosine",
             metadata={
-                "choices": ("cosine", "l2"),
+                "choices": ("cosine", "pooled", "l2"),
                 "help": "output change against the original: cosine (mean 1 - cos of each output "
-                "vector: each token's hidden state, logits) or l2 (relative L2 over all outputs)",
+                "vector: each token's hidden state, logits), pooled (1 - cos of each sequence's "
+                "mean over its real tokens: what a sentence-embedding model is read by) or l2 "
+                "(relative L2 over all outputs)",
             },
         )
         search: str = dataclasses.field(
@@ -480,7 +482,8 @@ class _Objective:
     a batch's attention mask marks as padding do not count (their values are arbitrary and no user
     reads them). `l2`: relative L2 distance over every output. `cosine`: mean 1 - cos between the
     vectors along each output's last axis (tokens' hidden states, logits), scale-free like the
-    normalised embeddings and argmaxes users read."""
+    normalised embeddings and argmaxes users read. `pooled`: the same after averaging each
+    (batch, tokens, ...) output over its real tokens, as sentence-embedding models are read."""
 
     def __init__(
         self, reference: Sequence[list[np.ndarray]], masks: Sequence[np.ndarray | None], distance: str
@@ -491,6 +494,13 @@ class _Objective:
             [_weight(a, masks[b] if b < len(masks) else None) for a in arrays]
             for b, arrays in enumerate(self.reference)
         ]
+        self.pooling = None
+        if distance == "pooled":  # from here on a cosine over the pooled outputs
+            self.pooling = self.weights
+            self.reference = [
+                [_pool(a, w) for a, w in zip(arrays, ws)] for arrays, ws in zip(self.reference, self.weights)
+            ]
+            self.weights = [[1.0 for _ in arrays] for arrays in self.reference]
         pairs = [(a, w) for arrays, ws in zip(self.reference, self.weights) for a, w in zip(arrays, ws)]
         if distance == "l2":
             self.total = sum(float(np.sum(w * a**2)) for a, w in pairs)
@@ -499,9 +509,11 @@ class _Objective:
 
     def __call__(self, batches: Iterable[list[np.ndarray]]) -> float:
         num = 0.0
-        for ref, ws, arrays in zip(self.reference, self.weights, batches):
-            for r, w, got in zip(ref, ws, arrays):
+        for b, (ref, ws, arrays) in enumerate(zip(self.reference, self.weights, batches)):
+            for i, (r, w, got) in enumerate(zip(ref, ws, arrays)):
                 got = got.astype(np.float64)
+                if self.pooling is not None:
+                    got = _pool(got, self.pooling[b][i])
                 if self.distance == "l2":
                     num += float(np.sum(w * (got - r) ** 2))
                     continue
@@ -523,6 +535,14 @@ def _rows(pairs):
             a, w = a.reshape(1, -1), 1.0
         out.append((a, w))
     return out
+
+
+def _pool(array: np.ndarray, weight: np.ndarray | float) -> np.ndarray:
+    """The mean over the token axis (1) of a (batch, tokens, ...) output, its padding left out;
+    an output without a mask-shaped weight (logits of a pooled head) as it is."""
+    if isinstance(weight, float) or array.ndim < 3:
+        return array
+    return np.sum(weight * array, axis=1) / np.maximum(np.sum(weight, axis=1), 1e-30)
 
 
 def _weight(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | float:

@@ -61,7 +61,7 @@ def test_drops_a_block_that_does_almost_nothing_before_pruning_width(replace):
         ("compress:params=0.5,step=0", "step must be in (0, 1)"),
         ("compress:params=0.5,of=layers", "of must be one of blocks, model"),
         ("compress:params=0.5,target=stream", "unknown target stream"),
-        ("compress:params=0.5,distance=kl", "distance must be one of cosine, l2"),
+        ("compress:params=0.5,distance=kl", "distance must be one of cosine, pooled, l2"),
     ],
 )
 def test_bad_budgets_are_refused(spec, message):
@@ -141,7 +141,13 @@ def output_change(original, compressed, batches, distance: str) -> float:
             ref = original(**b).last_hidden_state.double().numpy()
             got = compressed(**b).last_hidden_state.double().numpy()
             mask = b["attention_mask"].numpy().astype(float)
-            if distance == "l2":
+            if distance == "pooled":  # each sequence's mean over its real tokens, then the cosine
+                ref = (mask[..., None] * ref).sum(1) / mask.sum(1)[:, None]
+                got = (mask[..., None] * got).sum(1) / mask.sum(1)[:, None]
+                cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+                num += float((1 - cos).sum())
+                den += len(cos)
+            elif distance == "l2":
                 num += float((mask[..., None] * (got - ref) ** 2).sum())
                 den += float((mask[..., None] * ref**2).sum())
             else:
@@ -151,7 +157,7 @@ def output_change(original, compressed, batches, distance: str) -> float:
     return float(np.sqrt(num / den)) if distance == "l2" else num / den
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", ["cosine", "pooled", "l2"])
 def test_the_output_change_is_measured_against_the_original_model(distance):
     """After several steps the reported change is the total drift from the original, padding
     left out; measured against the model of the previous step it would be the last step's."""
