@@ -3,8 +3,9 @@ next to width pruning alone and depth pruning alone at about the same parameter 
 
 The pretrained all-MiniLM-L6-v2 (loaded as tools/bench/drop.py does), the sentence sets of
 tools/bench/sentences.py (evaluation sentences for fidelity, the separate 64 calibration
-sentences for every pass). Rows: `compress:params=F,importance=fluctuation` (of=blocks; refit
-auto: least_squares; search=plans) at F = 0.8, 0.7, 0.6 and one `of=model` row, the same with
+sentences for every pass). Rows: `compress:params=F,importance=fluctuation,distance=pooled`
+(of=blocks; refit auto: least_squares; search=plans; the planner reads the mean-pooled outputs,
+as the similarity below does) at F = 0.8, 0.7, 0.6 and one `of=model` row, the same with
 replace=linear (dropped blocks replaced by a fitted map: no longer a BertModel); for each,
 `prune:ratio=R,uniform=true,importance=fluctuation` (refit auto) with R = 1 - F (the block
 parameters kept about F) and `drop:n=k,metric=greedy` with k the nearest layer count, with
@@ -92,12 +93,9 @@ def bench(rounds: int, keep: list[float], model_keep: float | None) -> dict:
     drops_done: dict[int, dict] = {}
     for fraction, of in budgets:
         group = f"params={fraction:g}, of={of}"
-        ours = run(group, "compress", f"compress:params={fraction:g},of={of},importance=fluctuation")
-        run(
-            group,
-            "compress, linear",
-            f"compress:params={fraction:g},of={of},importance=fluctuation,replace=linear",
-        )
+        spec = f"compress:params={fraction:g},of={of},importance=fluctuation,distance=pooled"
+        ours = run(group, "compress", spec)
+        run(group, "compress, linear", f"{spec},replace=linear")
         size = ours.get("blocks", fraction)  # the others at the block share compress kept
         ratio = round(1 - size, 3)
         run(group, "prune alone", f"prune:ratio={ratio:g},uniform=true,importance=fluctuation")
