@@ -185,7 +185,7 @@ def test_an_added_mask_initializer_is_a_constant_not_a_parameter(tmp_path):
     inits = [
         numpy_helper.from_array(mask, "causal"),
         numpy_helper.from_array(
-            np.full((t, t), -np.inf, np.float32) * np.triu(np.ones((t, t)), 1), "inf_mask"
+            np.where(np.triu(np.ones((t, t)), 1) > 0, -np.inf, 0).astype(np.float32), "inf_mask"
         ),
         numpy_helper.from_array(np.linspace(-1, 1, t).astype(np.float32), "bias"),
     ]
