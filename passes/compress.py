@@ -249,12 +249,12 @@ class CompressPass(PassBase):
             drops = plan.drops_done
             if drops is None:  # no block left to drop, or max_steps spent on drops
                 break
-            if plan.drops == len(plan.steps) and plan.current <= budget.goal * (1 + 1e-9):
+            if plan.drops == len(plan.steps) and budget.met(plan.current):
                 break  # the drops alone met the budget: more would only overshoot
         done = [p for p in tried if not p.refused]
         if not done:
             raise PassError(tried[0].refused)
-        reached = [p for p in done if p.current <= budget.goal * (1 + 1e-9)]
+        reached = [p for p in done if budget.met(p.current)]
         if not reached:  # max_steps stopped every plan short: the one that came closest
             best = min(done, key=lambda p: (p.current, p.lost))
         else:
@@ -279,7 +279,7 @@ class CompressPass(PassBase):
         if drops is not None and dropped == drops:
             drops_done = _Drops(GraphSnapshot.take(graph), list(steps), lost)
         goal = budget.goal
-        while current > goal * (1 + 1e-9) and len(steps) < o.max_steps:
+        while not budget.met(current) and len(steps) < o.max_steps:
             need = current - goal
             self.report(
                 f"step {len(steps) + 1}: {budget.left(current):.1%} of the {budget.what} left, target "
@@ -443,6 +443,10 @@ class _Budget:
     def left(self, cost: float) -> float:
         """The fraction of the scope a cost leaves."""
         return 1 - (self.start - cost) / self.scope
+
+    def met(self, cost: float) -> bool:
+        """Whether a cost meets the goal (up to float rounding of the sums)."""
+        return cost <= self.goal * (1 + 1e-9)
 
 
 @dataclasses.dataclass
