@@ -271,7 +271,8 @@ class Builder:
         if causal:
             weights["causal"] = np.triu(np.full((t, t), -1e9, np.float32), 1)
         inputs = [q, k, v] + ([mask] if mask is not None else [])
-        return self._op("attention", inputs, [self.shapes[q]], attrs={"style": style}, weights=weights)
+        shape = self.shapes[q][:3] + self.shapes[v][3:]  # the values' head width (pruned: not q's)
+        return self._op("attention", inputs, [shape], attrs={"style": style}, weights=weights)
 
     # ----- ground truth ----------------------------------------------------------------------
     def new_stream(self) -> None:

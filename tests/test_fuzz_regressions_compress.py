@@ -5,9 +5,12 @@ was and a check of the planner's choice on hand-made candidates."""
 from __future__ import annotations
 
 import pytest
-from fuzzgen import Builder, Program
+import torch
+from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
 from test_fuzz import check_pass
 
+from rescompile.analysis.groups import find_groups
+from rescompile.api import load
 from rescompile.passes.compress import _best, _Candidate
 
 SPEC = "compress:params=0.9,step=0.25,importance=l2"
@@ -79,3 +82,42 @@ def test_changes_below_float32_rounding_tie():
     assert _best([small, _candidate("real", lost + 1e-4, 240.0)], lost, 145.0) is small
     # A change below what is already lost costs nothing (it does not earn either).
     assert _best([_candidate("back", lost - 0.05, 150.0), big], lost, 145.0) is big
+
+
+def _one_head_attention_with_one_value_channel(seed: int = 0) -> Program:
+    """x + o(attention(split(qkv(LN x)))): one head, query and key 2 wide, the value 1 wide (what
+    compress's width steps left of the fuzzer's h1/kv1 attention with a fused QKV, sdpa), so the
+    value's head split (.., 1) -> (.., 1, 1) and the query's (.., 2) -> (.., 1, 2) both make a
+    size-1 heads axis."""
+    b = Builder(seed=seed, symbolic_batch=False)
+    x = b.input("tokens0", (2, 2, 4))
+    b.new_stream()
+    q, k, v = b.split(b.linear(b.layernorm(x, 1e-5), 5), [2, 2, 1])
+    o = b.attention(b.heads(q, 1), b.heads(k, 1), b.heads(v, 1), None, False, "sdpa")
+    x = b.residual(x, b.linear(b.merge_heads(o), 4), "identity", pre=True, skip_first=True)
+    return b.finish([b.layernorm(x, 1e-5)])
+
+
+def _group_rows(graph) -> list[tuple]:
+    return sorted((g.kind, g.size, g.params, g.prunable) for g in find_groups(graph).groups)
+
+
+def test_regression_size_1_heads_axis_reads_alike_in_both_frontends():
+    """Shrunk from `compress:params=0.7,importance=l2` on 7 transformer layers (defect #26 of
+    tools/bench/results/fuzz.md): the last width step pruned 13% of the MLP width in both
+    frontends, but left 0.6614 of the blocks in ONNX and 0.6693 in torch. The QKV group (2
+    query/key channels + 1 value channel) reaches the heads axis through the value, whose one
+    channel makes a (1, 1) split. ONNX reads a Reshape's size-1 axes as coming and going; torch's
+    unflatten and flatten blocked the query's size-1 heads axis as "an inner factor", and with it
+    the whole group. Flatten and unflatten with known shapes are now read as the reshapes they
+    are (rescompile/ir/ops.py, _as_reshape)."""
+    program = _one_head_attention_with_one_value_channel()
+    onnx_graph = load(to_onnx(program))
+    torch_graph = load(
+        to_torch(program), tuple(torch.from_numpy(a) for a in feeds(program).values()), dynamic=False
+    )
+    rows = _group_rows(onnx_graph)
+    assert ("mlp", 3, 29, True) in rows  # QKV: 2 query/key channels, 1 value channel
+    assert _group_rows(torch_graph) == rows
+    # Every property of the fuzzer, parity of the pruned units included: prune one QKV unit.
+    check_pass(program, ["prune:ratio=0.34,uniform=true,target=mlp,importance=l2"])

@@ -488,6 +488,31 @@ def test_torch_attention_heads_reshape_and_permute_against_the_calls():
     assert check_torch_graph(graph, (x,)) >= 12
 
 
+def test_torch_flatten_and_unflatten_read_size_1_axes_as_reshape_does():
+    """One head of width 2: (.., 2) -> (.., 1, 2) and back. The heads axis has size 1 and carries
+    no channel: it comes and goes, as in ONNX's Reshape, instead of being a split part (fuzz
+    defect #26: torch blocked it as an inner factor, and with it the QKV group it joined)."""
+
+    class OneHead(nn.Module):
+        def forward(self, x):
+            return x.unflatten(-1, (1, 2)).softmax(-1).flatten(2)
+
+    module, x = OneHead(), torch.randn(2, 3, 2)
+    graph, _ = torch_graph(module, x)
+    (unflatten,) = torch_nodes(graph, "unflatten")
+    (flatten,) = torch_nodes(graph, "flatten")
+    reshape = onnx_node("Reshape", [(2, 3, 2), (4,)], consts={1: np.array([2, 3, 1, 2])})
+    assert axis_map(unflatten).outputs == axis_map(reshape).outputs
+    assert axis_map(unflatten).outputs[0][2:] == ((New(),), (Keep(0, 2),))
+    back = onnx_node("Reshape", [(2, 3, 1, 2), (3,)], consts={1: np.array([2, 3, 2])})
+    assert (
+        axis_map(flatten).outputs
+        == axis_map(back).outputs
+        == (((Keep(0, 0),), (Keep(0, 1),), (Keep(0, 3),)),)
+    )
+    assert check_torch_graph(graph, (x,)) >= 3
+
+
 def test_fx_traced_methods_and_functions_against_the_calls():
     """The fx fallback's graph: tensor methods with variadic sizes, functional leaf modules."""
     from rescompile.frontends.torch import _functionalize_leaf_modules

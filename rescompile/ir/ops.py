@@ -1019,11 +1019,25 @@ def _merge_range(index: int, shape: tuple, start: int, stop: int) -> tuple[Sourc
     return (Merge(index, tuple(range(start, stop)), tuple(shape[start:stop])),)
 
 
+def _as_reshape(call: Call, x: tuple) -> AxisMap | None:
+    """Flatten and unflatten are reshapes: with both shapes known, read them as Reshape reads them,
+    so that size-1 axes come and go the same way in both frontends (a merge or split part of size
+    1 carries no channel; blocking it as an inner factor would block the group it joins)."""
+    out = call.outputs[0].shape if call.outputs else None
+    if out is None or any(d is None for d in tuple(x) + tuple(out)):
+        return None
+    sources = _reshape_sources(tuple(x), tuple(out))
+    return None if sources is None else _make_map(sources)
+
+
 def _flatten(call: Call) -> AxisMap | None:
     """ONNX Flatten(axis) -> 2-D; torch flatten(start_dim, end_dim) merges that range."""
     x = call.shape(call.info.args[0].name)
     if x is None:
         return None
+    static = _as_reshape(call, x)
+    if static is not None:
+        return static
     rank = len(x)
     if not call.is_torch:
         axis = _axis(int(call.arg("axis") if call.arg("axis") is not None else 1), rank)
@@ -1042,6 +1056,9 @@ def _unflatten(call: Call) -> AxisMap | None:
     x, out = call.shape(call.info.args[0].name), call.outputs[0].shape if call.outputs else None
     if x is None or out is None:
         return None
+    static = _as_reshape(call, x)
+    if static is not None:
+        return static
     dim = _axis(int(call.arg("dim")), len(x))
     parts = len(out) - len(x) + 1
     sizes = tuple(out[dim : dim + parts])
