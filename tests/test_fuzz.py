@@ -19,7 +19,9 @@ Properties, each named (a failure says `[property] ...`, and tools/fuzz.py count
   calibration batches under torch.no_grad must not leave it off for the user's training).
 - parity: both frontends refuse alike, report the same stats, and find the same sites
   (count, kind, stream, depth) after the rewrite; the two rewritten models agree (at 10x the
-  tolerance where a pass fits weights by least squares on measured activations: FITTED_TOLERANCE).
+  tolerance where a pass fits weights by least squares on measured activations: FITTED_TOLERANCE;
+  beyond it, within NOISE_FACTOR of the rewritten model's own float noise floor: its outputs'
+  change when its inputs and weights move by float32 rounding, counted as "ill-conditioned").
 
 Budget: RESCOMPILE_FUZZ_EXAMPLES examples in all (default 200, split over the tests below), with
 the derandomized profile "rescompile-ci" (the same examples every run) unless the variable is
@@ -338,8 +340,9 @@ def _outputs(result) -> list[torch.Tensor]:
 
 
 class Outcome:
-    def __init__(self, refused: str | None = None, stats=None, sites=None, outputs=None) -> None:
+    def __init__(self, refused: str | None = None, stats=None, sites=None, outputs=None, model=None) -> None:
         self.refused, self.stats, self.sites, self.outputs = refused, stats, sites, outputs
+        self.model = model  # the rewritten ONNX model (the ONNX path): its float noise floor
 
 
 CALIBRATION_SEEDS = (1, 2)
@@ -405,7 +408,9 @@ def check_onnx_path(program: Program, specs: list[str], preserving: bool) -> Out
         with prop("onnx-preserves", ctx):
             for name in reference:
                 assert_close(got[name], reference[name], name=name)
-    return Outcome(stats=_stats_shape(result), sites=_sites4(graph), outputs=list(got.values()))
+    return Outcome(
+        stats=_stats_shape(result), sites=_sites4(graph), outputs=list(got.values()), model=exported
+    )
 
 
 def _finite_with_eps(model, inputs: dict) -> bool:
@@ -494,6 +499,41 @@ def _fits_weights(specs: list[str], stats) -> bool:
     return refit or any(s.startswith("compress") and not re.search(r"refit=(none|bias)", s) for s in specs)
 
 
+# Parity beyond the tolerance is still the same function where the rewritten model moves as far
+# when its float inputs and weights move by one part in 10^7 (float32 rounding): rounding in a sum
+# that cancels before a norm is amplified by the norm, and ONNX Runtime and torch round
+# differently. A fuzz finding (decay, #27): outputs 1.5e-4 apart, 1.6x the tolerance; moving the
+# inputs alone by 1e-7 moved the outputs by up to 9.7e-5 (the original model's: 1e-6 apart).
+NOISE_FACTOR = 4.0
+
+
+def _float_noise(model, inputs: dict, rounds: int = 4) -> list[float]:
+    """Per output, the largest change of the model's outputs (ONNX Runtime) when every float input
+    and float initializer is multiplied by 1 + 1e-7 n, n standard normal, over a few draws: the
+    float noise floor two float32 implementations of this model can differ by."""
+    import onnx
+    from onnx import numpy_helper
+
+    base = list(run_onnx(model.SerializeToString(), inputs).values())
+    rng = np.random.default_rng(0)
+
+    def moved(v: np.ndarray) -> np.ndarray:
+        return (v * (1 + 1e-7 * rng.standard_normal(v.shape))).astype(v.dtype) if v.dtype.kind == "f" else v
+
+    worst = [0.0] * len(base)
+    for _ in range(rounds):
+        perturbed = onnx.ModelProto()
+        perturbed.CopyFrom(model)
+        for init in perturbed.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.dtype.kind == "f":
+                init.CopyFrom(numpy_helper.from_array(moved(array), init.name))
+        got = run_onnx(perturbed.SerializeToString(), {k: moved(v) for k, v in inputs.items()})
+        for i, (g, want) in enumerate(zip(got.values(), base)):
+            worst[i] = max(worst[i], float(np.abs(g.astype(np.float64) - want).max()))
+    return worst
+
+
 def check_pass(program: Program, specs: list[str]) -> None:
     """Every property of one pass pipeline on one generated model, in both frontends."""
     passes = build_passes(specs)
@@ -517,8 +557,17 @@ def check_pass(program: Program, specs: list[str]) -> None:
         # The same choices (units pruned, blocks dropped, sites rewritten) give the same
         # function: the two rewritten models agree on the same inputs.
         tolerance = FITTED_TOLERANCE if _fits_weights(specs, onnx_out.stats) else DEFAULT_TOLERANCE
+        noise = None
         for i, (o, t) in enumerate(zip(onnx_out.outputs or (), torch_out.outputs or ())):
-            assert_close(t, o, tolerance, name=f"rewritten output[{i}], torch vs onnx")
+            try:
+                assert_close(t, o, tolerance, name=f"rewritten output[{i}], torch vs onnx")
+            except AssertionError as exc:
+                if noise is None:
+                    noise = _float_noise(onnx_out.model, feeds(program))
+                apart = float(np.abs(np.asarray(t, dtype=np.float64) - o).max())
+                if apart > NOISE_FACTOR * noise[i]:
+                    raise AssertionError(f"{exc}; float noise floor {noise[i]:.3g}") from None
+                STATS[key]["ill-conditioned"] += 1
     if onnx_out.refused is not None:
         STATS[key]["refused"] += 1
         STATS[key]["why: " + re.sub(r"\b(res|add_?)\d+\b|\d+", "N", onnx_out.refused)[:120]] += 1

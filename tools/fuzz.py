@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs count every call of a test, shrinking included; refused: a pass refused the model; "
         "known: a failure of a defect with a strict-xfail regression test (test_fuzz.KNOWN_DEFECTS)"
     )
+    for excuse in ("eps-zero NaN", "ill-conditioned"):  # rejected or accepted, never failures
+        counts = {key: stats[excuse] for key, stats, _, _ in results if stats.get(excuse)}
+        if counts:
+            print(f"{excuse}: " + ", ".join(f"{key} {n}" for key, n in counts.items()))
     if skipped:
         print(f"not fuzzed (not in tests/test_fuzz.py KNOWN_PASSES): {', '.join(skipped)}")
     if args.reasons:
