@@ -410,26 +410,40 @@ def _identity_site(facts: _Facts, add: Node, skip_index: int):
 
 
 def _projection_root(facts: _Facts, value: Value):
-    """Walk back from an add operand through at most a few mixing-free ops to a
-    weighted op; return (weighted_node, its live input) or None."""
-    for _ in range(_PROJECTION_TAIL_LIMIT + 1):
-        node = value.producer
+    """Walk back from an add operand through at most a few mixing-free or elementwise ops to a
+    weighted op; return (weighted_node, its live input) or None.
+
+    The tail between the weighted op and the add is computed from the weighted op's output alone:
+    an op in it may read that output more than once, so a written-out activation (ONNX has no
+    SiLU: y * sigmoid(y), where torch has one silu node) is a tail as its one-op form is."""
+    tail: set[Node] = set()
+    roots: set[Node] = set()
+    frontier = [value]
+    while frontier:
+        node = frontier.pop().producer
         if node is None:
             return None
+        if node in tail or node in roots:
+            continue
         live = facts.live_inputs(node)
-        if len(live) != 1:
-            return None
         if node in facts.weighted:
-            return node, live[0]
-        if node.kind not in MIXING_FREE_KINDS and node.kind not in (
-            OpKind.ADD,
-            OpKind.MUL,
-            OpKind.SUB,
-            OpKind.DIV,
+            if len(live) != 1:
+                return None
+            roots.add(node)
+            continue
+        if not live or (
+            node.kind not in MIXING_FREE_KINDS
+            and node.kind not in (OpKind.ADD, OpKind.MUL, OpKind.SUB, OpKind.DIV)
         ):
             return None
-        value = live[0]
-    return None
+        tail.add(node)
+        if len(tail) > _PROJECTION_TAIL_LIMIT:
+            return None
+        frontier.extend(live)
+    if len(roots) != 1:
+        return None
+    (root,) = roots
+    return root, facts.live_inputs(root)[0]
 
 
 def _projection_site(facts: _Facts, add: Node):
