@@ -13,9 +13,12 @@ where a sum cancels before a norm."""
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 from fuzzgen import Builder, Program, feeds, to_onnx
-from test_fuzz import NOISE_FACTOR, _float_noise
+from test_fuzz import NOISE_FACTOR, STATS, _float_noise, check_onnx_path, check_pass, check_torch_path
 
 from rescompile.validation import DEFAULT_TOLERANCE, run_onnx
 
@@ -51,3 +54,20 @@ def test_the_noise_floor_grows_where_a_sum_cancels_before_a_norm():
     # Inputs moved by 1e-7 move the sum by 1e-7 of the terms: 1e-3 of the sum, and of the output.
     assert noise > 1e-4 * scale
     assert NOISE_FACTOR * noise > DEFAULT_TOLERANCE.atol * scale
+
+
+def test_regression_decay_parity_within_the_noise_floor():
+    """The drawn example itself (the generator could not shrink it in five minutes; kept as drawn,
+    tests/data/fuzz_decay_noise.pkl, fuzzgen.Program): the two rewritten models are more than the
+    tolerance apart, less than NOISE_FACTOR times the noise floor, and every property holds."""
+    program = pickle.loads((Path(__file__).parent / "data" / "fuzz_decay_noise.pkl").read_bytes())
+    onnx_out = check_onnx_path(program, ["decay"], False)
+    torch_out = check_torch_path(program, ["decay"], False)
+    (o,), (t,) = onnx_out.outputs, torch_out.outputs
+    apart = float(np.abs(t.numpy().astype(np.float64) - o).max())
+    assert apart > DEFAULT_TOLERANCE.atol * float(np.abs(o).max())  # beyond the tolerance
+    (noise,) = _float_noise(onnx_out.model, feeds(program))
+    assert apart < NOISE_FACTOR * noise
+    before = STATS["decay"]["ill-conditioned"]
+    check_pass(program, ["decay"])
+    assert STATS["decay"]["ill-conditioned"] == before + 1
