@@ -480,6 +480,11 @@ about 800 tokens for 1075 kept MLP channels) a tiny ridge interpolates the calib
 far worse than no refit on others (held-out error 0.12 -> 0.4..2.6 at an attention output), so
 the strength is chosen on held-out rows."""
 
+_RESOLUTION = 1e-5
+"""Variation of a feature below this fraction of its root mean square is float32 rounding (eps
+1.2e-7, with room for the rounding of the layers before), not signal: least squares leaves it out
+(`_Fit.resolved`)."""
+
 _CONVS = ("conv1d", "conv2d", "conv3d", "convolution", "_convolution")  # torch ops a window reader may be
 
 
@@ -661,15 +666,46 @@ class _Fit:
         scale = max(float(np.trace(a[:k, :k])) / max(k, 1), 1e-30)
         penalty = np.zeros(len(a))
         penalty[:k] = 1.0
+        basis = self.resolved(sums)
         for ridge in RIDGES:
             if only is not None and only != f"ridge {ridge:g}":
                 continue
             lam = ridge * scale * penalty
             try:
-                found[f"ridge {ridge:g}"] = np.linalg.solve(a + np.diag(lam), r + lam[:, None] * start)
+                if basis is None:
+                    found[f"ridge {ridge:g}"] = np.linalg.solve(a + np.diag(lam), r + lam[:, None] * start)
+                else:  # the same objective, the kept rows' change confined to `basis`
+                    step = np.linalg.solve(basis.T @ (a + np.diag(lam)) @ basis, basis.T @ (r - a @ start))
+                    found[f"ridge {ridge:g}"] = start + basis @ step
             except np.linalg.LinAlgError:
                 continue
         return found
+
+    def resolved(self, sums: _Sums) -> np.ndarray | None:
+        """A basis of theta's changes (columns) along which the kept features vary by more than
+        float32 rounding over the rows of `sums` (about their mean where an intercept is fitted),
+        the intercept free; None where every direction does. A ridge fits the target's real
+        variation to a direction that varies only by rounding (rows equal in exact arithmetic:
+        ONNX Runtime gave them bit for bit, torch one ulp apart, and ridge 1e-6 moved the weights
+        by 0.02 in torch only, a fuzz finding), so its choice would follow the frontend."""
+        gram = np.asarray(sums.gram, dtype=np.float64)
+        spread = gram
+        if self.bias is not None:
+            total = np.asarray(sums.total, dtype=np.float64)
+            spread = gram - np.outer(total, total) / sums.rows
+        # relative to each feature's root mean square: float32 rounds a value to ~6e-8 of itself
+        rms = np.sqrt(np.maximum(np.diag(gram), 0.0) / sums.rows)
+        inverse = np.divide(1.0, rms, out=np.zeros_like(rms), where=rms > 0)
+        values, vectors = np.linalg.eigh(spread / sums.rows * np.outer(inverse, inverse))
+        keep = values > _RESOLUTION**2
+        if keep.all():
+            return None
+        basis = inverse[:, None] * vectors[:, keep]
+        if self.bias is None:
+            return basis
+        return np.block(
+            [[basis, np.zeros((len(basis), 1))], [np.zeros((1, basis.shape[1])), np.ones((1, 1))]]
+        )
 
     def error(self, sums: _Sums, theta: np.ndarray) -> float:
         """||Y - Z theta||^2 over the rows of `sums`."""

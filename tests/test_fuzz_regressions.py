@@ -323,12 +323,14 @@ def test_regression_refit_parity_is_float_noise_of_the_solves():
     solve multiplies the runtimes' ~1e-7 float32 differences by its condition number. Parity
     compares such outputs at FITTED_TOLERANCE (10x); refit=none stays within the default. The
     generator could not shrink the example in five minutes, so the drawn program is kept as it
-    was drawn (tests/data/fuzz_prune_refit_noise.pkl, fuzzgen.Program)."""
+    was drawn (tests/data/fuzz_prune_refit_noise.pkl, fuzzgen.Program). Since fuzz defect #29
+    the refit leaves out directions in which the features vary only by float32 rounding
+    (passes/prune.py, _Fit.resolved): the ridge 1e-6 fits no longer amplify that noise, and the
+    outputs are 0.013x the default tolerance apart (1.19x before)."""
     import pickle
     from pathlib import Path
 
     import numpy as np
-    from test_fuzz import FITTED_TOLERANCE
 
     from rescompile.validation import DEFAULT_TOLERANCE, diff
 
@@ -344,5 +346,5 @@ def test_regression_refit_parity_is_float_noise_of_the_solves():
             for o, t in zip(a.outputs, b.outputs)
         )
 
-    assert 1.0 < ratio(spec, DEFAULT_TOLERANCE) and ratio(spec, FITTED_TOLERANCE) < 0.5
+    assert ratio(spec, DEFAULT_TOLERANCE) < 0.5
     assert ratio([spec[0] + ",refit=none"], DEFAULT_TOLERANCE) < 0.5  # no solve: no amplification
