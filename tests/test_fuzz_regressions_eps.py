@@ -22,18 +22,22 @@ from test_fuzz import _finite_with_eps, check_onnx_path, run_onnx
 SEED = 0
 
 
-def _post_activation_mlps(eps: float, scale: float | None = None, seed: int = SEED) -> Program:
+def _post_activation_mlps(
+    eps: float, scale: float | None = None, seed: int = SEED, beside: bool = False
+) -> Program:
     """Two pre-norm MLP blocks, x = relu(x + W2 relu(W1 LN(x))), on (2, 2, 4) tokens; `scale`
-    multiplies each branch (the formula depthscale writes, built here without rescompile)."""
+    multiplies each branch (the formula depthscale writes, built here without rescompile);
+    `beside`: a second chain, a LayerNorm with eps 1e-5 of a second input."""
     b = Builder(seed=seed, symbolic_batch=False)
     x = b.input("tokens0", (2, 2, 4))
+    other = b.input("tokens1", (2, 2, 4)) if beside else None
     b.new_stream()
     for _ in range(2):
         branch = b.linear(b.act(b.linear(b.layernorm(x, eps), 4, False), "relu"), 4, False)
         if scale is not None:
             branch = b.scale(branch, scale)
         x = b.act(b.residual(x, branch, "identity", pre=True, skip_first=False), "relu")
-    return b.finish([x])
+    return b.finish([x] if other is None else [x, b.layernorm(other, 1e-5)])
 
 
 def _outputs(program: Program) -> np.ndarray:
@@ -46,6 +50,16 @@ def test_regression_depthscale_on_eps_zero_norms_is_rejected_not_failed():
     # The formula itself, without rescompile: NaN with eps 0, finite with eps 1e-5.
     assert not np.isfinite(_outputs(_post_activation_mlps(0.0, 1 / math.sqrt(2)))).all()
     assert np.isfinite(_outputs(_post_activation_mlps(1e-5, 1 / math.sqrt(2)))).all()
+    with pytest.raises(UnsatisfiedAssumption):
+        check_onnx_path(program, ["depthscale"], preserving=False)
+
+
+def test_regression_an_eps_zero_chain_beside_an_eps_1e_5_chain_is_rejected_not_failed():
+    """Fuzz finding #30 (10,000-example run on 8307665): `rk2:method=heun` on an eps-0 RMSNorm
+    chain beside an eps-1e-5 LayerNorm chain gave NaN from 0/0 in the first chain, and the
+    excuse asked that every norm have eps 0. It asks for one now (`_has_zero_eps`)."""
+    program = _post_activation_mlps(0.0, beside=True)
+    assert not program.eps_zero and np.isfinite(_outputs(program)).all()
     with pytest.raises(UnsatisfiedAssumption):
         check_onnx_path(program, ["depthscale"], preserving=False)
 
