@@ -442,6 +442,14 @@ def _finite_with_eps(model, inputs: dict) -> bool:
     return all(np.isfinite(v).all() for v in got.values())
 
 
+def frontend_graphs(program: Program):
+    """("onnx", graph) and ("torch", graph): the program imported through each frontend, as the
+    ONNX and torch paths import it."""
+    yield "onnx", load(to_onnx(program))
+    args = tuple(torch.from_numpy(v) for v in feeds(program).values())
+    yield "torch", load(to_torch(program), args, dynamic=False)
+
+
 def _sites4(graph) -> list[tuple]:
     return [(s.kind, s.stream, s.depth) for s in find_residuals(graph).sites]
 

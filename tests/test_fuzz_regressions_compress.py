@@ -5,12 +5,10 @@ was and a check of the planner's choice on hand-made candidates."""
 from __future__ import annotations
 
 import pytest
-import torch
-from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
-from test_fuzz import check_pass
+from fuzzgen import Builder, Program
+from test_fuzz import check_pass, frontend_graphs
 
 from rescompile.analysis.groups import find_groups
-from rescompile.api import load
 from rescompile.passes.compress import _best, _Candidate
 
 SPEC = "compress:params=0.9,step=0.25,importance=l2"
@@ -112,10 +110,7 @@ def test_regression_size_1_heads_axis_reads_alike_in_both_frontends():
     the whole group. Flatten and unflatten with known shapes are now read as the reshapes they
     are (rescompile/ir/ops.py, _as_reshape)."""
     program = _one_head_attention_with_one_value_channel()
-    onnx_graph = load(to_onnx(program))
-    torch_graph = load(
-        to_torch(program), tuple(torch.from_numpy(a) for a in feeds(program).values()), dynamic=False
-    )
+    onnx_graph, torch_graph = (graph for _, graph in frontend_graphs(program))
     rows = _group_rows(onnx_graph)
     assert ("mlp", 3, 29, True) in rows  # QKV: 2 query/key channels, 1 value channel
     assert _group_rows(torch_graph) == rows

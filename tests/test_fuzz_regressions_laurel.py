@@ -12,12 +12,11 @@ written-out RMSNorm ends in `normed * gain`, looked through the gain to another 
 from __future__ import annotations
 
 import pytest
-import torch
-from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
-from test_fuzz import check_pass
+from fuzzgen import Builder, Program
+from test_fuzz import _sites4, check_pass, frontend_graphs
 
 from rescompile.analysis.residuals import find_residuals
-from rescompile.api import build_passes, load, run_passes
+from rescompile.api import build_passes, run_passes
 
 
 def _mlp(b: Builder, h: int, out: int) -> int:
@@ -57,17 +56,6 @@ def _identity_chain(placement: str) -> Program:
     return b.finish([x])
 
 
-def _sites(graph) -> list[tuple]:
-    return [(s.kind, s.stream, s.depth) for s in find_residuals(graph).sites]
-
-
-def _frontends(program: Program):
-    module = to_torch(program)
-    args = tuple(torch.from_numpy(v) for v in feeds(program).values())
-    yield "onnx", load(to_onnx(program))
-    yield "torch", load(module, args, dynamic=False)
-
-
 def test_regression_laurel_pa_keeps_a_projection_site_after_rmsnorm():
     """Shrunk from ['laurel:variant=pa'] (a post attention block, a projection segment, a weighted
     transition, then a second chain): sites after were onnx [projection(1,0), identity(0,1), ...]
@@ -87,15 +75,15 @@ def test_regression_laurel_pa_keeps_a_projection_site_after_rmsnorm():
     ],
     ids=["rmsnorm", "rmsnorm-post", "rmsnorm-manual", "no-norm", "chain-pre", "chain-post"],
 )
-def test_laurel_pa_keeps_the_true_sites_in_both_frontends(program):
+def test_laurel_pa_keeps_the_true_sites_in_bothfrontend_graphs(program):
     """The pa terms are part of their block: both frontends find the generator's sites, with the
     same kinds, streams and depths, before and after, and no site at a term laurel added."""
     truth = [(s.kind, s.stream, s.depth) for s in program.sites]
-    for frontend, graph in _frontends(program):
-        assert _sites(graph) == truth, frontend
+    for frontend, graph in frontend_graphs(program):
+        assert _sites4(graph) == truth, frontend
         result = run_passes(graph, build_passes(["laurel:variant=pa"]))
         assert result.stats["0:laurel"]["terms"] > 0, frontend
-        assert _sites(graph) == truth, frontend
+        assert _sites4(graph) == truth, frontend
         assert not [s.name for s in find_residuals(graph).sites if s.name.startswith("laurel/")], frontend
 
 
@@ -104,7 +92,7 @@ def test_a_rescaled_skip_keeps_the_fork_after_a_written_out_rmsnorm():
     branch reads; in ONNX it was the value before the RMSNorm's gain (`normed * gain` looked like
     one more scaling), so pa after rw read other earlier values in the two frontends."""
     program = _rmsnorm_then_projection(post=True)
-    for frontend, graph in _frontends(program):
+    for frontend, graph in frontend_graphs(program):
         before = [s.fork for s in find_residuals(graph).sites]
         run_passes(graph, build_passes(["laurel:variant=rw"]))
         assert [s.fork for s in find_residuals(graph).sites] == before, frontend

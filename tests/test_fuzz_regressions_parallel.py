@@ -15,12 +15,11 @@ is now anything computed from the weighted op's output alone through a few param
 from __future__ import annotations
 
 import pytest
-import torch
-from fuzzgen import Builder, Program, feeds, to_onnx, to_torch
-from test_fuzz import check_pass
+from fuzzgen import Builder, Program
+from test_fuzz import check_pass, frontend_graphs
 
 from rescompile.analysis.residuals import find_residuals
-from rescompile.api import build_passes, load, run_passes
+from rescompile.api import build_passes, run_passes
 
 SPEC = "parallel:c=0,learnable=false"
 
@@ -44,19 +43,12 @@ def _post_layer_with_matmul_mlp(act: str = "silu", manual: bool = False) -> Prog
     return b.finish([x])
 
 
-def _frontends(program: Program):
-    module = to_torch(program)
-    args = tuple(torch.from_numpy(v) for v in feeds(program).values())
-    yield "onnx", load(to_onnx(program))
-    yield "torch", load(module, args, dynamic=False)
-
-
 def test_regression_parallel_post_norm_silu_matmul_branch_parity():
     """Shrunk from [SPEC] on two post attention blocks and a post matmul (SiLU) block beside a
     second chain: sites after were onnx [identity(0,0), identity(0,1), identity(1,0), ...] and
     torch [identity(0,0), identity(0,1), projection(1,0), identity(2,0), ...]."""
     program = _post_layer_with_matmul_mlp()
-    for frontend, graph in _frontends(program):  # the layer is rewritten, not refused
+    for frontend, graph in frontend_graphs(program):  # the layer is rewritten, not refused
         assert run_passes(graph, build_passes([SPEC])).stats == {"0:parallel": {"layers": 1}}, frontend
     check_pass(program, [SPEC])
 
@@ -65,7 +57,7 @@ def test_regression_parallel_post_norm_silu_matmul_branch_parity():
 def test_post_norm_parallel_leaves_the_matmul_block_a_projection_site(act, manual):
     """After the rewrite `h + act(x W)` is a projection site with fork x, on a stream of its own,
     in both frontends, whether the activation is one op or written out."""
-    for frontend, graph in _frontends(_post_layer_with_matmul_mlp(act, manual)):
+    for frontend, graph in frontend_graphs(_post_layer_with_matmul_mlp(act, manual)):
         run_passes(graph, build_passes([SPEC]))
         sites = find_residuals(graph).sites
         got = [(s.kind, s.stream, s.depth) for s in sites]
